@@ -1,0 +1,1 @@
+"""The protomesh control server: mesh.yaml + protos + registrations → xDS v3 over ADS."""

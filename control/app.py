@@ -1,0 +1,106 @@
+"""Control server process wiring: mesh watcher → views → ADS/CSDS on grpc.aio; admin on aiohttp."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc
+from envoy.service.status.v3 import csds_pb2_grpc
+
+from control.registry import Registry
+from control.server import ControlPlane
+from control.sources.meshfile import MeshWatcher
+from control.views import Views
+from protomesh.admin import AdminServer
+
+log = logging.getLogger("protomesh.control")
+
+
+@dataclasses.dataclass
+class ControlOptions:
+    mesh: str
+    xds: str = "0.0.0.0:15010"
+    admin: str = "0.0.0.0:15000"
+    grace_s: float = 5.0
+    debounce_s: float = 0.05
+    watch_interval_s: float = 0.5
+
+
+class ControlServer:
+    def __init__(self, opts: ControlOptions):
+        self.opts = opts
+        self.registry = Registry(opts.grace_s)
+        self.watcher = MeshWatcher(opts.mesh, self._on_mesh, opts.watch_interval_s)
+        mesh = self.watcher.load_initial()  # raises MeshError on a broken mesh
+        self.views = Views(mesh, self.registry)
+        self.plane = ControlPlane(self.views, self.registry, opts.debounce_s)
+        self.admin = AdminServer(self.ready, self.metrics, {
+            "/nodes": self.plane.status, "/config_dump": self.config_dump})
+        self.server: grpc.aio.Server | None = None
+        self.xds_port = 0
+        self.started = time.time()
+
+    def _on_mesh(self, mesh) -> None:
+        self.plane.changed(mesh)
+
+    def ready(self) -> tuple[bool, str]:
+        return (self.server is not None, "starting" if self.server is None else "")
+
+    def metrics(self) -> str:
+        lines = ["# TYPE protomesh_control_streams gauge",
+                 f"protomesh_control_streams {len(self.plane.streams)}",
+                 "# TYPE protomesh_control_pushes_total counter",
+                 f"protomesh_control_pushes_total {self.plane.pushes}",
+                 "# TYPE protomesh_control_nacks_total counter",
+                 f"protomesh_control_nacks_total {self.plane.nacks}",
+                 "# TYPE protomesh_control_mesh_reloads_total counter",
+                 f"protomesh_control_mesh_reloads_total {self.watcher.reloads}",
+                 "# TYPE protomesh_control_mesh_rejected_total counter",
+                 f"protomesh_control_mesh_rejected_total {self.watcher.rejected}",
+                 "# TYPE protomesh_control_generation gauge",
+                 f"protomesh_control_generation {self.views.generation}"]
+        return "\n".join(lines) + "\n"
+
+    def config_dump(self) -> dict:
+        mesh = self.views.mesh
+        return {
+            "mesh_file": mesh.source, "generation": self.views.generation,
+            "mesh_error": self.watcher.error,
+            "services": {n: {"protocol": s.protocol, "lb": s.lb, "timeout_s": s.timeout_s,
+                             "static_endpoints": [f"{h}:{p}" for h, p in s.endpoints],
+                             "grpc_services": [g.full_name for g in s.grpc_services],
+                             "registered": [r.node_id for r in self.registry.endpoints(n)]}
+                         for n, s in mesh.services.items()},
+            "gateway": dataclasses.asdict(mesh.gateway) if mesh.gateway else None,
+        }
+
+    async def start(self) -> None:
+        self.server = grpc.aio.server()
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.plane, self.server)
+        csds_pb2_grpc.add_ClientStatusDiscoveryServiceServicer_to_server(self.plane, self.server)
+        self.xds_port = self.server.add_insecure_port(self.opts.xds)
+        if not self.xds_port:
+            raise OSError(f"cannot listen for xDS on {self.opts.xds}")
+        await self.server.start()
+        host, _, port = self.opts.admin.rpartition(":")
+        await self.admin.start(host, int(port))
+        self._tasks = [asyncio.ensure_future(self.watcher.run()),
+                       asyncio.ensure_future(self.plane.expire_registrations())]
+        log.info("control server: xDS on port %d, admin on port %d, mesh %s", self.xds_port,
+                 self.admin.port, self.opts.mesh)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+        await self.admin.stop()
+
+    async def run(self, stop: asyncio.Event) -> int:
+        await self.start()
+        await stop.wait()
+        await self.stop()
+        return 0

@@ -1,0 +1,334 @@
+"""mesh.yaml → a frozen, validated mesh description.
+
+mesh.yaml holds deployment facts and mesh-wide policy; the control server compiles it (with
+the services' .proto files and the live registrations) into xDS.  Validation is complete at
+load: an unknown service in a route, a bad address or duration is reported with file, field and
+the fix, and a broken edit leaves the previous mesh in force.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from control.errors import MeshError
+
+PROTOCOLS = ("grpc", "http")
+LB_POLICIES = ("round_robin", "least_request", "random")
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)$")
+_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class GrpcMethod:
+    name: str
+    client_streaming: bool
+    server_streaming: bool
+
+
+@dataclass(frozen=True)
+class GrpcService:
+    full_name: str  # e.g. demo.users.v1.Users
+    methods: tuple[GrpcMethod, ...]
+    file: str
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    protocol: str
+    lb: str = "round_robin"
+    timeout_s: float | None = 15.0
+    connect_timeout_s: float = 1.0
+    endpoints: tuple[tuple[str, int], ...] = ()
+    protos: tuple[str, ...] = ()
+    grpc_services: tuple[GrpcService, ...] = ()
+
+
+@dataclass(frozen=True)
+class HeaderRule:
+    name: str
+    kind: str  # exact | prefix | regex | present
+    value: str = ""
+
+
+@dataclass(frozen=True)
+class GatewayRoute:
+    name: str
+    path_kind: str  # prefix | path | regex
+    path_value: str
+    headers: tuple[HeaderRule, ...] = ()
+    query: tuple[HeaderRule, ...] = ()
+    grpc: bool = False
+    split: tuple[tuple[str, int], ...] = ()  # (service, weight)
+    timeout_s: float | None = None  # None: the service's timeout
+    rewrite_prefix: str | None = None
+
+
+@dataclass(frozen=True)
+class Gateway:
+    http: tuple[str, int] | None
+    grpc: tuple[str, int] | None
+    routes: tuple[GatewayRoute, ...]
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    otlp_endpoint: str | None = None
+    sampling: float = 1.0
+
+
+@dataclass(frozen=True)
+class Mesh:
+    source: str
+    services: dict[str, Service] = field(default_factory=dict)
+    gateway: Gateway | None = None
+    telemetry: Telemetry = Telemetry()
+    proto_paths: tuple[str, ...] = ()
+
+    def service_for_grpc(self, full_name: str) -> Service | None:
+        for s in self.services.values():
+            if any(g.full_name == full_name for g in s.grpc_services):
+                return s
+        return None
+
+
+def parse_duration(value, file: str, where: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    m = _DURATION.match(str(value).strip())
+    if not m:
+        raise MeshError(file, where, f"{value!r} is not a duration", "write e.g. 250ms, 5s or 1m")
+    n, unit = float(m.group(1)), m.group(2)
+    return n / 1000 if unit == "ms" else n * 60 if unit == "m" else n
+
+
+def parse_address(value, file: str, where: str) -> tuple[str, int]:
+    text = str(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise MeshError(file, where, f"{value!r} is not host:port", "write e.g. 127.0.0.1:8080")
+    return host, int(port)
+
+
+def _mapping(value, file: str, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MeshError(file, where, f"expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _known(d: dict, allowed: set[str], file: str, where: str) -> None:
+    for key in d:
+        if key not in allowed:
+            raise MeshError(file, f"{where}.{key}" if where else str(key), "unknown field",
+                            f"use one of: {', '.join(sorted(allowed))}")
+
+
+def load_mesh(path: str | Path, compile_protos=None) -> Mesh:
+    """Read and validate mesh.yaml.  `compile_protos(files, include_paths, mesh_file)` returns the
+    gRPC services of each proto file (control.sources.protos.compile_protos by default)."""
+    path = Path(path)
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise MeshError(file, "", f"cannot read: {exc.strerror}", "check the --mesh path") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        raise MeshError(file, "", f"YAML syntax error: {exc.problem}", "fix the indentation or quoting",
+                        line=line) from None
+    except yaml.YAMLError as exc:
+        raise MeshError(file, "", f"YAML error: {exc}") from None
+    return parse_mesh(_mapping(doc, file, "(top level)"), file, path.parent, compile_protos)
+
+
+def parse_mesh(doc: dict, file: str, base: Path, compile_protos=None) -> Mesh:
+    _known(doc, {"services", "gateway", "telemetry", "proto_paths"}, file, "")
+    proto_paths = tuple(str((base / p).resolve()) for p in (doc.get("proto_paths") or []))
+    services_doc = _mapping(doc.get("services"), file, "services")
+    if not services_doc:
+        raise MeshError(file, "services", "no services defined", "add at least one service")
+    services = {}
+    for name, sdoc in services_doc.items():
+        services[name] = _parse_service(str(name), _mapping(sdoc, file, f"services.{name}"), file,
+                                        base, proto_paths, compile_protos)
+    _check_grpc_services_unique(services, file)
+    mesh = Mesh(file, services, None, _parse_telemetry(doc.get("telemetry"), file), proto_paths)
+    gateway = _parse_gateway(doc.get("gateway"), file, mesh) if doc.get("gateway") is not None else None
+    return Mesh(file, services, gateway, mesh.telemetry, proto_paths)
+
+
+def _parse_service(name: str, d: dict, file: str, base: Path, proto_paths, compile_protos) -> Service:
+    where = f"services.{name}"
+    _known(d, {"protocol", "lb", "timeout", "connect_timeout", "endpoints", "proto"}, file, where)
+    if not _NAME.match(name):
+        raise MeshError(file, where, f"service name {name!r} is not a DNS label",
+                        "use lower case letters, digits and '-'")
+    protocol = d.get("protocol")
+    if protocol not in PROTOCOLS:
+        raise MeshError(file, f"{where}.protocol", f"must be one of {PROTOCOLS}, got {protocol!r}",
+                        "set protocol: grpc or protocol: http")
+    lb = d.get("lb", "round_robin")
+    if lb not in LB_POLICIES:
+        raise MeshError(file, f"{where}.lb", f"unknown policy {lb!r}", f"use one of {', '.join(LB_POLICIES)}")
+    timeout = parse_duration(d["timeout"], file, f"{where}.timeout") if "timeout" in d else 15.0
+    connect = parse_duration(d.get("connect_timeout", 1.0), file, f"{where}.connect_timeout")
+    eps = d.get("endpoints") or []
+    if not isinstance(eps, list):
+        raise MeshError(file, f"{where}.endpoints", "must be a list of host:port")
+    endpoints = tuple(parse_address(e, file, f"{where}.endpoints[{i}]") for i, e in enumerate(eps))
+    protos = d.get("proto") or []
+    protos = [protos] if isinstance(protos, str) else list(protos)
+    grpc_services: tuple = ()
+    if protos:
+        if protocol != "grpc":
+            raise MeshError(file, f"{where}.proto", "only grpc services take a proto", "remove proto or set protocol: grpc")
+        if compile_protos is None:
+            from control.sources.protos import compile_protos
+        found = compile_protos(protos, proto_paths or (str(base),), file)
+        grpc_services = tuple(g for p in protos for g in found[p])
+        if not grpc_services:
+            raise MeshError(file, f"{where}.proto", f"{', '.join(protos)} defines no service",
+                            "point proto at the file that declares the service")
+    elif protocol == "grpc":
+        raise MeshError(file, f"{where}.proto", "a grpc service needs its .proto",
+                        "add proto: path/to/service.proto (relative to proto_paths)")
+    return Service(name, protocol, lb, timeout or None, connect, endpoints, tuple(protos), grpc_services)
+
+
+def _check_grpc_services_unique(services: dict[str, Service], file: str) -> None:
+    owner: dict[str, str] = {}
+    for s in services.values():
+        for g in s.grpc_services:
+            if g.full_name in owner:
+                raise MeshError(file, f"services.{s.name}.proto",
+                                f"gRPC service {g.full_name} is already served by {owner[g.full_name]}",
+                                "each gRPC service belongs to one mesh service")
+            owner[g.full_name] = s.name
+
+
+def _parse_telemetry(value, file: str) -> Telemetry:
+    d = _mapping(value, file, "telemetry")
+    _known(d, {"otlp_endpoint", "sampling"}, file, "telemetry")
+    sampling = d.get("sampling", 1.0)
+    if not isinstance(sampling, (int, float)) or not 0 <= sampling <= 1:
+        raise MeshError(file, "telemetry.sampling", f"{sampling!r} is not in [0, 1]", "write e.g. 0.1 for 10%")
+    return Telemetry(d.get("otlp_endpoint"), float(sampling))
+
+
+def _parse_gateway(value, file: str, mesh: Mesh) -> Gateway:
+    d = _mapping(value, file, "gateway")
+    _known(d, {"http", "grpc", "routes"}, file, "gateway")
+    http = parse_address(d["http"], file, "gateway.http") if d.get("http") else None
+    grpc = parse_address(d["grpc"], file, "gateway.grpc") if d.get("grpc") else None
+    if http is None and grpc is None:
+        raise MeshError(file, "gateway", "needs an http or grpc listen address", "add http: 0.0.0.0:8080")
+    routes_doc = d.get("routes") or []
+    if not isinstance(routes_doc, list):
+        raise MeshError(file, "gateway.routes", "must be a list")
+    routes = tuple(_parse_route(_mapping(r, file, f"gateway.routes[{i}]"), i, file, mesh)
+                   for i, r in enumerate(routes_doc))
+    return Gateway(http, grpc, routes)
+
+
+def _parse_route(d: dict, i: int, file: str, mesh: Mesh) -> GatewayRoute:
+    where = f"gateway.routes[{i}]"
+    _known(d, {"name", "match", "to", "split", "timeout", "rewrite_prefix"}, file, where)
+    m = _mapping(d.get("match"), file, f"{where}.match")
+    _known(m, {"path_prefix", "path", "path_regex", "headers", "query", "grpc_service", "grpc_method"},
+           file, f"{where}.match")
+    grpc = False
+    kinds = [k for k in ("path_prefix", "path", "path_regex", "grpc_service") if k in m]
+    if len(kinds) != 1:
+        raise MeshError(file, f"{where}.match", "needs exactly one of path_prefix, path, path_regex, grpc_service",
+                        "e.g. match: { path_prefix: /v1/products }")
+    if "grpc_service" in m:
+        svc = str(m["grpc_service"])
+        owner = mesh.service_for_grpc(svc)
+        if owner is None:
+            known = sorted(g.full_name for s in mesh.services.values() for g in s.grpc_services)
+            raise MeshError(file, f"{where}.match.grpc_service", f"no service's proto declares {svc}",
+                            f"use one of: {', '.join(known) or '(none)'}")
+        grpc = True
+        if "grpc_method" in m:
+            method = str(m["grpc_method"])
+            gs = next(g for g in owner.grpc_services if g.full_name == svc)
+            if method not in {x.name for x in gs.methods}:
+                raise MeshError(file, f"{where}.match.grpc_method", f"{svc} has no method {method}",
+                                f"use one of: {', '.join(x.name for x in gs.methods)}")
+            kind, value = "path", f"/{svc}/{method}"
+        else:
+            kind, value = "prefix", f"/{svc}/"
+    else:
+        kind = {"path_prefix": "prefix", "path": "path", "path_regex": "regex"}[kinds[0]]
+        value = str(m[kinds[0]])
+        if kind == "regex":
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise MeshError(file, f"{where}.match.path_regex", f"invalid regex: {exc}") from None
+        elif not value.startswith("/"):
+            raise MeshError(file, f"{where}.match.{kinds[0]}", f"{value!r} must start with /", f"write /{value}")
+    headers = _header_rules(m.get("headers"), file, f"{where}.match.headers")
+    query = _header_rules(m.get("query"), file, f"{where}.match.query")
+    if ("to" in d) == ("split" in d):
+        raise MeshError(file, where, "needs exactly one of to or split", "e.g. to: products")
+    if "to" in d:
+        split = ((_service_ref(d["to"], file, f"{where}.to", mesh), 1),)
+    else:
+        items = d["split"]
+        if not isinstance(items, list) or not items:
+            raise MeshError(file, f"{where}.split", "must be a non-empty list of {to, weight}")
+        split = []
+        for j, item in enumerate(items):
+            item = _mapping(item, file, f"{where}.split[{j}]")
+            w = item.get("weight")
+            if not isinstance(w, int) or w < 0:
+                raise MeshError(file, f"{where}.split[{j}].weight", f"{w!r} is not a non-negative integer")
+            split.append((_service_ref(item.get("to"), file, f"{where}.split[{j}].to", mesh), w))
+        protocols = {mesh.services[t].protocol for t, _ in split}
+        if len(protocols) > 1:
+            raise MeshError(file, f"{where}.split", "mixes grpc and http services",
+                            "split only between services of one protocol")
+        if sum(w for _, w in split) == 0:
+            raise MeshError(file, f"{where}.split", "all weights are 0", "give at least one target a weight")
+        split = tuple(split)
+    timeout = parse_duration(d["timeout"], file, f"{where}.timeout") if "timeout" in d else None
+    name = str(d.get("name") or f"gateway-{i}-{split[0][0]}")
+    rewrite = d.get("rewrite_prefix")
+    if rewrite is not None and kind != "prefix":
+        raise MeshError(file, f"{where}.rewrite_prefix", "only applies to path_prefix routes")
+    return GatewayRoute(name, kind, value, headers, query, grpc, split, timeout, rewrite)
+
+
+def _service_ref(value, file: str, where: str, mesh: Mesh) -> str:
+    if value not in mesh.services:
+        raise MeshError(file, where, f"unknown service {value!r}",
+                        f"use one of: {', '.join(sorted(mesh.services))}")
+    return str(value)
+
+
+def _header_rules(value, file: str, where: str) -> tuple[HeaderRule, ...]:
+    d = _mapping(value, file, where)
+    rules = []
+    for name, spec in d.items():
+        if isinstance(spec, dict):
+            _known(spec, {"exact", "prefix", "regex", "present"}, file, f"{where}.{name}")
+            if len(spec) != 1:
+                raise MeshError(file, f"{where}.{name}", "needs exactly one of exact, prefix, regex, present")
+            kind, v = next(iter(spec.items()))
+            if kind == "regex":
+                try:
+                    re.compile(str(v))
+                except re.error as exc:
+                    raise MeshError(file, f"{where}.{name}.regex", f"invalid regex: {exc}") from None
+            rules.append(HeaderRule(str(name).lower(), kind, str(v) if kind != "present" else str(bool(v))))
+        else:
+            rules.append(HeaderRule(str(name).lower(), "exact", str(spec)))
+    return tuple(rules)

@@ -1,0 +1,195 @@
+"""The ADS servicer (state of the world) and CSDS on grpc.aio.
+
+Each stream gets its own `StreamState`; a change of the mesh or of the registrations bumps the
+generation and, after a short debounce (so a burst of edits or reconnects is one push), every
+stream is offered its new view.  What is sent, and when, is decided by `StreamState`.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+
+import grpc
+from envoy.admin.v3 import config_dump_shared_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
+
+from control.registry import Registration, RegistrationError, Registry, registration_from_node
+from control.stream import StreamState
+from control.views import Views
+from protomesh import xdstypes
+
+log = logging.getLogger("protomesh.control")
+
+
+class _Abort(Exception):
+    """A protocol violation by the client; the stream ends with this status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Stream:
+    _ids = itertools.count(1)
+
+    def __init__(self, peer: str):
+        self.id = next(self._ids)
+        self.peer = peer
+        self.node = None
+        self.reg: Registration | None = None
+        self.state = StreamState()
+        self.out: asyncio.Queue = asyncio.Queue()
+        self.connected_at = time.time()
+
+
+class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
+                   csds_pb2_grpc.ClientStatusDiscoveryServiceServicer):
+    def __init__(self, views: Views, registry: Registry, debounce_s: float = 0.05):
+        self.views = views
+        self.registry = registry
+        self.debounce_s = debounce_s
+        self.streams: dict[int, Stream] = {}
+        self.pushes = 0
+        self.nacks = 0
+        self._push_handle: asyncio.TimerHandle | None = None
+        self._expiry_task: asyncio.Task | None = None
+
+    # ---- change propagation -------------------------------------------------------------------
+    def changed(self, mesh=None) -> None:
+        """Mesh or registrations changed: new generation, push after the debounce."""
+        self.views.invalidate(mesh)
+        if self._push_handle is None:
+            loop = asyncio.get_running_loop()
+            self._push_handle = loop.call_later(self.debounce_s, self._push_all)
+
+    def _push_all(self) -> None:
+        self._push_handle = None
+        for stream in list(self.streams.values()):
+            self._kick(stream)
+
+    def _kick(self, stream: Stream) -> None:
+        if stream.reg is None:
+            return
+        view = self.views.for_node(stream.reg)
+        for type_url, version, resources in stream.state.next_sends(view):
+            nonce = stream.state.mark_sent(type_url, version)
+            stream.out.put_nowait(discovery_pb2.DiscoveryResponse(
+                type_url=type_url, version_info=version, nonce=nonce,
+                resources=[resources[n] for n in sorted(resources)]))
+            self.pushes += 1
+
+    async def expire_registrations(self) -> None:
+        """Remove endpoints of sidecars whose stream ended more than the grace period ago."""
+        while True:
+            nxt = self.registry.next_expiry()
+            await asyncio.sleep(0.5 if nxt is None else max(0.01, min(0.5, nxt - time.time())))
+            if self.registry.expire(time.time()):
+                self.changed()
+
+    # ---- ADS ------------------------------------------------------------------------------------
+    async def StreamAggregatedResources(self, request_iterator, context):
+        stream = Stream(context.peer())
+        self.streams[stream.id] = stream
+        reader = asyncio.ensure_future(self._read(stream, request_iterator, context))
+        reader.add_done_callback(lambda _: stream.out.put_nowait(None))
+        try:
+            while True:
+                response = await stream.out.get()
+                if response is None:
+                    break
+                yield response
+            exc = reader.exception() if reader.done() and not reader.cancelled() else None
+            if isinstance(exc, _Abort):
+                await context.abort(exc.code, exc.message)
+            elif exc is not None:
+                raise exc
+        finally:
+            reader.cancel()
+            del self.streams[stream.id]
+            if stream.reg is not None:
+                self.registry.disconnect(stream.reg.node_id, time.time())
+                log.info("stream %d of node %s closed", stream.id, stream.reg.node_id)
+
+    async def _read(self, stream: Stream, request_iterator, context) -> None:
+        async for req in request_iterator:
+            if stream.reg is None:
+                if not req.node.id:
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "the first DiscoveryRequest must carry node.id")
+                try:
+                    reg = registration_from_node(req.node)
+                except RegistrationError as exc:
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+                stream.node = req.node
+                stream.reg = reg
+                if reg.service and reg.service not in self.views.mesh.services:
+                    log.warning("node %s registers service %r which mesh.yaml does not define; "
+                                "it gets config but no peer will route to it", reg.node_id, reg.service)
+                if self.registry.connect(reg):
+                    self.changed()
+                log.info("stream %d: node %s (%s %s) from %s", stream.id, reg.node_id, reg.role,
+                         reg.service or "-", stream.peer)
+            error = req.error_detail.message if req.HasField("error_detail") else None
+            outcome = stream.state.on_request(req.type_url, list(req.resource_names), req.response_nonce,
+                                              req.version_info, error)
+            if outcome == "nack":
+                self.nacks += 1
+                log.warning("NACK from %s for %s version %s: %s", stream.reg.node_id,
+                            xdstypes.SHORT.get(req.type_url, req.type_url),
+                            stream.state.types[req.type_url].nacked_version, error)
+            self._kick(stream)
+
+    # ---- CSDS -----------------------------------------------------------------------------------
+    async def FetchClientStatus(self, request, context):
+        return csds_pb2.ClientStatusResponse(config=self.client_configs(request.exclude_resource_contents))
+
+    async def StreamClientStatus(self, request_iterator, context):
+        async for request in request_iterator:
+            yield await self.FetchClientStatus(request, context)
+
+    def client_configs(self, exclude_contents: bool = True) -> list[csds_pb2.ClientConfig]:
+        out = []
+        for stream in sorted(self.streams.values(), key=lambda s: s.reg.node_id if s.reg else ""):
+            if stream.reg is None:
+                continue
+            cfg = csds_pb2.ClientConfig(node=stream.node)
+            view = self.views.for_node(stream.reg)
+            for type_url, t in stream.state.types.items():
+                if not t.subscribed:
+                    continue
+                names = sorted(view.get(type_url, {}) if t.names is None else t.names)
+                for name in names:
+                    g = cfg.generic_xds_configs.add(type_url=type_url, name=name, version_info=t.acked_version)
+                    if t.error and t.nacked_version == t.sent_version:
+                        g.client_status = config_dump_shared_pb2.NACKED
+                        g.config_status = csds_pb2.ERROR
+                        g.error_state.details = t.error
+                        g.error_state.version_info = t.nacked_version
+                    elif t.pending:
+                        g.client_status = config_dump_shared_pb2.REQUESTED
+                        g.config_status = csds_pb2.NOT_SENT if not t.acked_version else csds_pb2.STALE
+                    else:
+                        g.client_status = config_dump_shared_pb2.ACKED
+                        g.config_status = csds_pb2.SYNCED
+                    if not exclude_contents and name in view.get(type_url, {}):
+                        g.xds_config.CopyFrom(view[type_url][name])
+            out.append(cfg)
+        return out
+
+    def status(self) -> list[dict]:
+        nodes = []
+        for s in sorted(self.streams.values(), key=lambda s: s.reg.node_id if s.reg else ""):
+            if s.reg is None:
+                continue
+            nodes.append({
+                "node": s.reg.node_id, "role": s.reg.role, "service": s.reg.service,
+                "flavour": s.reg.flavour, "peer": s.peer, "connected_at": s.connected_at,
+                "types": {xdstypes.SHORT[t]: {"acked": st.acked_version, "sent": st.sent_version,
+                                              "pending": st.pending, "nacked": st.nacked_version,
+                                              "error": st.error, "sends": st.sends}
+                          for t, st in s.state.types.items() if st.subscribed},
+            })
+        return nodes

@@ -1,0 +1,1 @@
+"""Where the mesh description comes from: mesh.yaml, the services' protos, registrations."""

@@ -1,0 +1,73 @@
+"""Compile services' .proto files with grpc_tools.protoc and read their services and methods.
+
+The control server needs each rpc's full name (to route `/pkg.Service/Method`) and its kind
+(unary or streaming), and later the options declared on it.  protoc's own error text names file,
+line and column; it is passed on as it is.
+"""
+from __future__ import annotations
+
+import re
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from google.protobuf import descriptor_pb2
+
+from control.errors import MeshError
+from control.model import GrpcMethod, GrpcService
+
+_PROTOC_ERROR = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+):(?P<col>\d+): (?P<msg>.*)$")
+
+
+@lru_cache(maxsize=1)
+def standard_includes() -> tuple[str, ...]:
+    """protoc's bundled well-known types and googleapis' google/api/*.proto."""
+    import grpc_tools
+    import google.api.annotations_pb2 as ann
+    return (str(Path(grpc_tools.__file__).parent / "_proto"), str(Path(ann.__file__).parents[2]))
+
+
+def compile_protos(files: list[str], include_paths, mesh_file: str) -> dict[str, list[GrpcService]]:
+    from grpc_tools import protoc
+
+    includes = list(include_paths) + list(standard_includes())
+    for f in files:
+        if not any((Path(p) / f).is_file() for p in include_paths):
+            raise MeshError(mesh_file, "services.*.proto", f"{f} not found under proto_paths {list(include_paths)}",
+                            "set proto_paths (relative to mesh.yaml) to the directory the path is relative to")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "set.pb"
+        args = ["protoc", *(f"-I{p}" for p in includes), f"--descriptor_set_out={out}",
+                "--include_imports", *files]
+        err_path = Path(tmp) / "stderr"
+        code = _run_protoc(protoc, args, err_path)
+        if code != 0:
+            detail = err_path.read_text(errors="replace").strip() if err_path.exists() else ""
+            m = _PROTOC_ERROR.match(detail.splitlines()[0]) if detail else None
+            if m:
+                raise MeshError(m["file"], "", f"column {m['col']}: {m['msg']}",
+                                f"fix the .proto (used by {mesh_file})", line=int(m["line"]))
+            raise MeshError(mesh_file, "services.*.proto", detail or "protoc failed")
+        fds = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
+    result: dict[str, list[GrpcService]] = {f: [] for f in files}
+    for fd in fds.file:
+        if fd.name not in result:
+            continue
+        for svc in fd.service:
+            full = f"{fd.package}.{svc.name}" if fd.package else svc.name
+            methods = tuple(GrpcMethod(m.name, m.client_streaming, m.server_streaming) for m in svc.method)
+            result[fd.name].append(GrpcService(full, methods, fd.name))
+    return result
+
+
+def _run_protoc(protoc, args: list[str], err_path: Path) -> int:
+    """protoc writes errors to the process's fd 2; capture them into a file for the message."""
+    import os
+    saved = os.dup(2)
+    with open(err_path, "wb") as err:
+        os.dup2(err.fileno(), 2)
+        try:
+            return protoc.main(args)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)

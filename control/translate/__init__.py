@@ -1,0 +1,1 @@
+"""Mesh model + registrations → the xDS resources one node should hold."""

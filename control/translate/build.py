@@ -1,0 +1,154 @@
+"""Small builders for the Envoy messages the translators emit (one place for the boilerplate)."""
+from __future__ import annotations
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
+
+from control.model import GatewayRoute, HeaderRule
+from protomesh import xdstypes
+
+
+def pack(msg) -> any_pb2.Any:
+    a = any_pb2.Any()
+    a.Pack(msg)
+    return a
+
+
+def duration(seconds: float | None) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(round((seconds or 0) * 1e9)))
+    return d
+
+
+def socket_address(host: str, port: int) -> address_pb2.Address:
+    return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port))
+
+
+def ads_source() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(ads=config_source_pb2.AggregatedConfigSource(),
+                                          resource_api_version=config_source_pb2.V3)
+
+
+def listener(name: str, host: str, port: int, route_config: str, grpc: bool,
+             direction: int = base_pb2.UNSPECIFIED) -> listener_pb2.Listener:
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix=name,
+        codec_type=hcm_pb2.HttpConnectionManager.HTTP2 if grpc else hcm_pb2.HttpConnectionManager.HTTP1,
+        rds=hcm_pb2.Rds(route_config_name=route_config, config_source=ads_source()),
+        http_filters=[hcm_pb2.HttpFilter(name="envoy.filters.http.router",
+                                         typed_config=pack(router_pb2.Router()))],
+    )
+    return listener_pb2.Listener(
+        name=name, address=socket_address(host, port), traffic_direction=direction,
+        filter_chains=[listener_components_pb2.FilterChain(filters=[
+            listener_components_pb2.Filter(name="envoy.filters.network.http_connection_manager",
+                                           typed_config=pack(hcm))])])
+
+
+def cluster(name: str, lb: str, grpc: bool, connect_timeout_s: float,
+            static: list[tuple[str, int]] | None = None) -> cluster_pb2.Cluster:
+    c = cluster_pb2.Cluster(
+        name=name,
+        connect_timeout=duration(connect_timeout_s),
+        lb_policy={"round_robin": cluster_pb2.Cluster.ROUND_ROBIN,
+                   "least_request": cluster_pb2.Cluster.LEAST_REQUEST,
+                   "random": cluster_pb2.Cluster.RANDOM}[lb],
+    )
+    if static is None:
+        c.type = cluster_pb2.Cluster.EDS
+        c.eds_cluster_config.eds_config.CopyFrom(ads_source())
+    else:
+        c.type = cluster_pb2.Cluster.STATIC
+        c.load_assignment.CopyFrom(load_assignment(name, [(h, p, ()) for h, p in static]))
+    if grpc:
+        opts = http_protocol_options_pb2.HttpProtocolOptions(
+            explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+                http2_protocol_options=protocol_pb2.Http2ProtocolOptions()))
+        c.typed_extension_protocol_options[xdstypes.HTTP_PROTOCOL_OPTIONS_KEY].CopyFrom(pack(opts))
+    return c
+
+
+def load_assignment(name: str, endpoints: list[tuple[str, int, tuple]]) -> endpoint_pb2.ClusterLoadAssignment:
+    lbs = []
+    for host, port, labels in endpoints:
+        ep = endpoint_components_pb2.LbEndpoint(
+            endpoint=endpoint_components_pb2.Endpoint(address=socket_address(host, port)),
+            load_balancing_weight=wrappers_pb2.UInt32Value(value=1))
+        if labels:
+            meta = struct_pb2.Struct()
+            meta.update(dict(labels))
+            ep.metadata.filter_metadata["protomesh"].CopyFrom(meta)
+        lbs.append(ep)
+    return endpoint_pb2.ClusterLoadAssignment(
+        cluster_name=name,
+        endpoints=[endpoint_components_pb2.LocalityLbEndpoints(
+            lb_endpoints=lbs, load_balancing_weight=wrappers_pb2.UInt32Value(value=1))])
+
+
+def route_config(name: str, vhosts: list[route_components_pb2.VirtualHost]) -> route_pb2.RouteConfiguration:
+    return route_pb2.RouteConfiguration(name=name, virtual_hosts=vhosts)
+
+
+def vhost(name: str, domains: list[str], routes: list) -> route_components_pb2.VirtualHost:
+    return route_components_pb2.VirtualHost(name=name, domains=domains, routes=routes)
+
+
+def route(name: str, *, prefix: str | None = None, path: str | None = None, regex: str | None = None,
+          grpc: bool = False, headers=(), query=(), split: tuple[tuple[str, int], ...],
+          timeout_s: float | None, rewrite_prefix: str | None = None) -> route_components_pb2.Route:
+    match = route_components_pb2.RouteMatch()
+    if prefix is not None:
+        match.prefix = prefix
+    elif path is not None:
+        match.path = path
+    else:
+        match.safe_regex.CopyFrom(regex_pb2.RegexMatcher(regex=regex))
+    if grpc:
+        match.grpc.SetInParent()
+    match.headers.extend(header_matcher(h) for h in headers)
+    match.query_parameters.extend(query_matcher(q) for q in query)
+    action = route_components_pb2.RouteAction(timeout=duration(timeout_s))
+    if len(split) == 1:
+        action.cluster = split[0][0]
+    else:
+        action.weighted_clusters.clusters.extend(
+            route_components_pb2.WeightedCluster.ClusterWeight(name=c, weight=wrappers_pb2.UInt32Value(value=w))
+            for c, w in split)
+    if rewrite_prefix is not None:
+        action.prefix_rewrite = rewrite_prefix
+    return route_components_pb2.Route(name=name, match=match, route=action)
+
+
+def _string_matcher(rule: HeaderRule) -> string_pb2.StringMatcher:
+    if rule.kind == "regex":
+        return string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=rule.value))
+    return string_pb2.StringMatcher(**{rule.kind: rule.value})
+
+
+def header_matcher(rule: HeaderRule) -> route_components_pb2.HeaderMatcher:
+    if rule.kind == "present":
+        return route_components_pb2.HeaderMatcher(name=rule.name, present_match=rule.value == "True")
+    return route_components_pb2.HeaderMatcher(name=rule.name, string_match=_string_matcher(rule))
+
+
+def query_matcher(rule: HeaderRule) -> route_components_pb2.QueryParameterMatcher:
+    if rule.kind == "present":
+        return route_components_pb2.QueryParameterMatcher(name=rule.name, present_match=True)
+    return route_components_pb2.QueryParameterMatcher(name=rule.name, string_match=_string_matcher(rule))
+
+
+def gateway_route(r: GatewayRoute, default_timeout: float | None) -> route_components_pb2.Route:
+    kw = {r.path_kind: r.path_value}
+    return route(r.name, grpc=r.grpc, headers=r.headers, query=r.query, split=r.split,
+                 timeout_s=r.timeout_s if r.timeout_s is not None else default_timeout,
+                 rewrite_prefix=r.rewrite_prefix, **kw)

@@ -1,0 +1,5 @@
+import sys
+
+from protomesh.cli import main
+
+sys.exit(main())

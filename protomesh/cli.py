@@ -1,0 +1,166 @@
+"""The `protomesh` command: control, sidecar, gateway, status, demo, demo services, collector."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+
+def _loop_run(coro_factory) -> int:
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:  # the data path works on the default loop too, only slower
+        pass
+    return asyncio.run(coro_factory())
+
+
+def _addr_list(text: str) -> list[str]:
+    return [a.strip() for a in text.split(",") if a.strip()]
+
+
+def _labels(items: list[str]) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"--label {item!r}: write key=value")
+        out[key] = value
+    return out
+
+
+def cmd_control(args) -> int:
+    from control.app import ControlOptions, ControlServer
+    from control.errors import MeshError
+    from sidecar.app import install_signal_handlers
+
+    try:
+        server = ControlServer(ControlOptions(mesh=args.mesh, xds=args.xds, admin=args.admin,
+                                              grace_s=args.grace))
+    except MeshError as exc:
+        print(f"protomesh control: {exc}", file=sys.stderr)
+        return 2
+
+    async def main():
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        return await server.run(stop)
+    return _loop_run(main)
+
+
+def cmd_sidecar(args) -> int:
+    from sidecar.app import Sidecar, SidecarOptions, install_signal_handlers
+
+    if not args.gateway and not args.service:
+        print("protomesh sidecar: --service NAME is required (or --gateway)", file=sys.stderr)
+        return 2
+    opts = SidecarOptions(
+        control=_addr_list(args.control), service=args.service or "", gateway=args.gateway,
+        app=args.app or "", protocol=args.protocol or "", inbound=args.inbound, advertise=args.advertise or "",
+        outbound_http=args.outbound_http, outbound_grpc=args.outbound_grpc, admin=args.admin,
+        labels=_labels(args.label), node_id=args.node_id or "", otlp=args.otlp, sampling=args.sampling,
+        state_dir=args.state_dir, access_log=None if args.access_log == "off" else args.access_log,
+        drain_delay_s=args.drain_delay, drain_timeout_s=args.drain_timeout)
+    if not args.gateway and not opts.app:
+        print("protomesh sidecar: --app HOST:PORT (the local app) is required", file=sys.stderr)
+        return 2
+
+    async def main():
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        return await Sidecar(opts).run(stop)
+    return _loop_run(main)
+
+
+def cmd_status(args) -> int:
+    from protomesh.status import main
+    return main(args.control, args.json)
+
+
+def cmd_service(args, rest) -> int:
+    from demo.services import SERVICES
+    return SERVICES[args.name](rest)
+
+
+def cmd_collector(args, rest) -> int:
+    from protomesh.collector import main
+    return main(rest)
+
+
+def cmd_demo(args, rest) -> int:
+    from demo.run import main
+    return main(rest)
+
+
+def cmd_codegen(args, rest) -> int:
+    from protomesh.codegen import main
+    return main(rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="protomesh", description=__doc__)
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("control", help="run the xDS control server")
+    c.add_argument("--mesh", required=True, help="path to mesh.yaml (watched for edits)")
+    c.add_argument("--xds", default="0.0.0.0:15010", help="ADS + CSDS gRPC listen address")
+    c.add_argument("--admin", default="0.0.0.0:15000", help="admin HTTP listen address")
+    c.add_argument("--grace", type=float, default=5.0,
+                   help="seconds a sidecar stays an endpoint after its stream ends")
+    c.set_defaults(func=cmd_control)
+
+    s = sub.add_parser("sidecar", help="run a sidecar (or, with --gateway, the edge gateway)")
+    s.add_argument("--control", required=True, help="control server address(es), comma separated")
+    s.add_argument("--service", help="the mesh service this sidecar fronts")
+    s.add_argument("--gateway", action="store_true", help="run as the edge gateway")
+    s.add_argument("--app", help="HOST:PORT of the local app")
+    s.add_argument("--protocol", choices=("grpc", "http"), help="the app's protocol (default: from mesh.yaml)")
+    s.add_argument("--inbound", default="0.0.0.0:15006", help="inbound listener (peers call this)")
+    s.add_argument("--advertise", help="HOST:PORT peers use to reach the inbound listener")
+    s.add_argument("--outbound-http", default="127.0.0.1:15001", help="the app's HTTP calls go here")
+    s.add_argument("--outbound-grpc", default="127.0.0.1:15002", help="the app's gRPC calls go here")
+    s.add_argument("--admin", default="0.0.0.0:15000")
+    s.add_argument("--label", action="append", help="key=value label announced with the endpoint")
+    s.add_argument("--node-id")
+    s.add_argument("--otlp", help="OTLP/gRPC endpoint, e.g. http://127.0.0.1:4317")
+    s.add_argument("--sampling", type=float, default=1.0)
+    s.add_argument("--state-dir", help="persist the last ACKed config here (serve it on restart)")
+    s.add_argument("--access-log", default="-", help="'-' stdout, a file path, or 'off'")
+    s.add_argument("--drain-delay", type=float, default=0.0, help="seconds unready before closing listeners")
+    s.add_argument("--drain-timeout", type=float, default=10.0, help="seconds in-flight calls get to finish")
+    s.set_defaults(func=cmd_sidecar)
+
+    st = sub.add_parser("status", help="every node's ACKed/NACKed config, from the control server's CSDS")
+    st.add_argument("--control", default="127.0.0.1:15010")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    sv = sub.add_parser("service", help="run a demo service (users, orders, products)", add_help=False)
+    sv.add_argument("name", choices=("users", "orders", "products"))
+    sv.set_defaults(func=cmd_service, passthrough=True)
+
+    for name, func, text in (("collector", cmd_collector, "run a local OTLP trace collector"),
+                             ("demo", cmd_demo, "run the demo mesh with traffic and a summary"),
+                             ("codegen", cmd_codegen, "regenerate Python code from proto/")):
+        x = sub.add_parser(name, help=text, add_help=False)
+        x.set_defaults(func=func, passthrough=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "passthrough", False):
+        return args.func(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""xDS v3 resources → frozen config.  Pure: raises ConfigError (the NACK text) or returns values.
+
+We honour a documented subset of each Envoy message.  Any other field that is set is refused by
+name, because silently ignoring a policy (a retry, a filter) would make the sidecar behave
+differently from what the control server promised.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.config.core.v3 import base_pb2, health_check_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from google.protobuf import any_pb2
+
+from protomesh import xdstypes
+from sidecar.config.errors import ConfigError
+from sidecar.config.model import (
+    Cluster, Endpoint, HeaderMatch, Listener, PathMatch, Route, RouteTable, StringMatch,
+    VirtualHost, WeightedCluster,
+)
+
+KNOWN_HTTP_FILTERS = {xdstypes.ROUTER}
+
+
+def _only(msg, allowed: set[str], where: str) -> None:
+    for fd, _ in msg.ListFields():
+        if fd.name not in allowed:
+            raise ConfigError(f"{where}.{fd.name}", "is set but not supported by the protomesh sidecar")
+
+
+def _seconds(d) -> float:
+    return d.seconds + d.nanos / 1e9
+
+
+def _regex(pattern: str, where: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(where, f"invalid regex {pattern!r}: {exc}") from None
+
+
+def parse_string_match(m, where: str) -> StringMatch:
+    kind = m.WhichOneof("match_pattern")
+    if kind in ("exact", "prefix", "suffix", "contains"):
+        return StringMatch(kind, getattr(m, kind), m.ignore_case)
+    if kind == "safe_regex":
+        return StringMatch("regex", m.safe_regex.regex, False, _regex(m.safe_regex.regex, where))
+    raise ConfigError(where, f"string matcher {kind or 'empty'} is not supported")
+
+
+def parse_header_match(h: route_components_pb2.HeaderMatcher, where: str) -> HeaderMatch:
+    kind = h.WhichOneof("header_match_specifier")
+    name = h.name.lower()
+    if not name:
+        raise ConfigError(where + ".name", "header name is empty")
+    if kind is None:
+        return HeaderMatch(name, None, True, h.invert_match)
+    if kind == "present_match":
+        return HeaderMatch(name, None, h.present_match, h.invert_match)
+    if kind == "string_match":
+        return HeaderMatch(name, parse_string_match(h.string_match, where), True, h.invert_match)
+    if kind in ("exact_match", "prefix_match", "suffix_match", "contains_match"):
+        return HeaderMatch(name, StringMatch(kind.split("_")[0], getattr(h, kind)), True, h.invert_match)
+    if kind == "safe_regex_match":
+        rx = h.safe_regex_match.regex
+        return HeaderMatch(name, StringMatch("regex", rx, False, _regex(rx, where)), True, h.invert_match)
+    raise ConfigError(where, f"header matcher {kind} is not supported")
+
+
+def parse_query_match(q: route_components_pb2.QueryParameterMatcher, where: str) -> HeaderMatch:
+    kind = q.WhichOneof("query_parameter_match_specifier")
+    if kind == "string_match":
+        return HeaderMatch(q.name, parse_string_match(q.string_match, where))
+    if kind == "present_match" or kind is None:
+        return HeaderMatch(q.name, None, True)
+    raise ConfigError(where, f"query matcher {kind} is not supported")
+
+
+def parse_route(r: route_components_pb2.Route, where: str) -> Route:
+    _only(r, {"name", "match", "route", "metadata", "decorator"}, where)
+    if not r.HasField("route"):
+        raise ConfigError(where, "only 'route' actions are supported (not redirect/direct_response)")
+    m = r.match
+    _only(m, {"prefix", "path", "safe_regex", "case_sensitive", "headers", "query_parameters", "grpc"},
+          where + ".match")
+    kind = m.WhichOneof("path_specifier")
+    case = m.case_sensitive.value if m.HasField("case_sensitive") else True
+    if kind == "prefix":
+        path = PathMatch("prefix", m.prefix, case)
+    elif kind == "path":
+        path = PathMatch("path", m.path, case)
+    elif kind == "safe_regex":
+        path = PathMatch("regex", m.safe_regex.regex, True, _regex(m.safe_regex.regex, where + ".match"))
+    else:
+        raise ConfigError(where + ".match", "needs prefix, path or safe_regex")
+    a = r.route
+    _only(a, {"cluster", "weighted_clusters", "timeout", "prefix_rewrite"}, where + ".route")
+    spec = a.WhichOneof("cluster_specifier")
+    if spec == "cluster":
+        clusters = (WeightedCluster(a.cluster, 1),)
+    elif spec == "weighted_clusters":
+        clusters = tuple(WeightedCluster(c.name, c.weight.value) for c in a.weighted_clusters.clusters)
+        if not clusters or sum(c.weight for c in clusters) <= 0:
+            raise ConfigError(where + ".route.weighted_clusters", "needs at least one positive weight")
+    else:
+        raise ConfigError(where + ".route", "needs cluster or weighted_clusters")
+    timeout = 15.0
+    if a.HasField("timeout"):
+        timeout = _seconds(a.timeout) or None
+    return Route(
+        name=r.name or where,
+        path=path,
+        headers=tuple(parse_header_match(h, f"{where}.match.headers[{i}]") for i, h in enumerate(m.headers)),
+        query=tuple(parse_query_match(q, f"{where}.match.query_parameters[{i}]")
+                    for i, q in enumerate(m.query_parameters)),
+        grpc_only=m.HasField("grpc"),
+        clusters=clusters,
+        timeout_s=timeout,
+        prefix_rewrite=a.prefix_rewrite or None,
+    )
+
+
+def parse_route_config(rc: route_pb2.RouteConfiguration) -> RouteTable:
+    where = f"RouteConfiguration {rc.name}"
+    _only(rc, {"name", "virtual_hosts", "validate_clusters"}, where)
+    vhs = []
+    for i, vh in enumerate(rc.virtual_hosts):
+        vwhere = f"{where}.virtual_hosts[{i}]"
+        _only(vh, {"name", "domains", "routes"}, vwhere)
+        if not vh.domains:
+            raise ConfigError(vwhere + ".domains", "needs at least one domain ('*' for any)")
+        routes = tuple(parse_route(r, f"{vwhere}.routes[{j}]") for j, r in enumerate(vh.routes))
+        vhs.append(VirtualHost(vh.name, tuple(vh.domains), routes))
+    return RouteTable(rc.name, tuple(vhs))
+
+
+def parse_listener(lst: listener_pb2.Listener) -> Listener:
+    where = f"Listener {lst.name}"
+    _only(lst, {"name", "address", "filter_chains", "traffic_direction", "metadata", "stat_prefix"}, where)
+    sa = lst.address.socket_address
+    if not sa.address or not sa.port_value:
+        raise ConfigError(where + ".address", "needs a socket_address with address and port_value")
+    if len(lst.filter_chains) != 1 or len(lst.filter_chains[0].filters) != 1:
+        raise ConfigError(where + ".filter_chains", "exactly one chain with one HttpConnectionManager is supported")
+    nf = lst.filter_chains[0].filters[0]
+    if nf.typed_config.type_url != xdstypes.HCM:
+        raise ConfigError(where + ".filter_chains[0].filters[0]",
+                          f"network filter {nf.typed_config.type_url or nf.name} is not supported (only HttpConnectionManager)")
+    hcm = hcm_pb2.HttpConnectionManager()
+    nf.typed_config.Unpack(hcm)
+    hwhere = where + ".http_connection_manager"
+    _only(hcm, {"codec_type", "stat_prefix", "rds", "route_config", "http_filters", "tracing"}, hwhere)
+    codec = hcm_pb2.HttpConnectionManager.CodecType.Name(hcm.codec_type)
+    protocol = {"HTTP2": "grpc", "HTTP1": "http", "AUTO": "http"}.get(codec)
+    if protocol is None:
+        raise ConfigError(hwhere + ".codec_type", f"{codec} is not supported (use HTTP1 or HTTP2)")
+    filters = []
+    for i, f in enumerate(hcm.http_filters):
+        type_url = f.typed_config.type_url
+        if type_url not in KNOWN_HTTP_FILTERS:
+            if f.is_optional:
+                continue
+            raise ConfigError(f"{hwhere}.http_filters[{i}]",
+                              f"http filter {f.name} ({type_url or 'no typed_config'}) is not supported")
+        filters.append(type_url)
+    if not filters or filters[-1] != xdstypes.ROUTER:
+        raise ConfigError(hwhere + ".http_filters", "the last http filter must be the router")
+    inline = None
+    if hcm.HasField("rds"):
+        table = hcm.rds.route_config_name
+        if not table:
+            raise ConfigError(hwhere + ".rds.route_config_name", "is empty")
+    elif hcm.HasField("route_config"):
+        inline = parse_route_config(hcm.route_config)
+        table = inline.name
+    else:
+        raise ConfigError(hwhere, "needs rds or route_config")
+    direction = base_pb2.TrafficDirection.Name(lst.traffic_direction).lower()
+    return Listener(lst.name, sa.address, sa.port_value, protocol, direction, table, inline, tuple(filters))
+
+
+_LB = {
+    cluster_pb2.Cluster.ROUND_ROBIN: "round_robin",
+    cluster_pb2.Cluster.LEAST_REQUEST: "least_request",
+    cluster_pb2.Cluster.RANDOM: "random",
+}
+
+
+def parse_endpoints(cla: endpoint_pb2.ClusterLoadAssignment, where: str) -> tuple[Endpoint, ...]:
+    out = []
+    for i, locality in enumerate(cla.endpoints):
+        for j, lb in enumerate(locality.lb_endpoints):
+            if lb.health_status in (health_check_pb2.UNHEALTHY, health_check_pb2.DRAINING,
+                                    health_check_pb2.TIMEOUT):
+                continue
+            sa = lb.endpoint.address.socket_address
+            if not sa.address or not sa.port_value:
+                raise ConfigError(f"{where}.endpoints[{i}].lb_endpoints[{j}]", "needs address and port_value")
+            weight = lb.load_balancing_weight.value if lb.HasField("load_balancing_weight") else 1
+            labels = ()
+            fm = lb.metadata.filter_metadata.get("protomesh")
+            if fm is not None:
+                labels = tuple(sorted((k, str(v)) for k, v in fm.items()))
+            out.append(Endpoint(sa.address, sa.port_value, max(weight, 1), labels))
+    return tuple(out)
+
+
+def parse_cluster(c: cluster_pb2.Cluster) -> Cluster:
+    where = f"Cluster {c.name}"
+    _only(c, {"name", "type", "eds_cluster_config", "load_assignment", "lb_policy", "connect_timeout",
+              "typed_extension_protocol_options", "metadata"}, where)
+    kind = cluster_pb2.Cluster.DiscoveryType.Name(c.type)
+    if kind not in ("EDS", "STATIC"):
+        raise ConfigError(where + ".type", f"{kind} is not supported (use EDS or STATIC)")
+    if c.lb_policy not in _LB:
+        raise ConfigError(where + ".lb_policy",
+                          f"{cluster_pb2.Cluster.LbPolicy.Name(c.lb_policy)} is not supported "
+                          "(ROUND_ROBIN, LEAST_REQUEST, RANDOM)")
+    http2 = False
+    for key, anyv in c.typed_extension_protocol_options.items():
+        if key != xdstypes.HTTP_PROTOCOL_OPTIONS_KEY:
+            raise ConfigError(f"{where}.typed_extension_protocol_options[{key}]", "is not supported")
+        opts = http_protocol_options_pb2.HttpProtocolOptions()
+        anyv.Unpack(opts)
+        http2 = opts.explicit_http_config.HasField("http2_protocol_options")
+    static = ()
+    if kind == "STATIC":
+        static = parse_endpoints(c.load_assignment, where + ".load_assignment")
+    timeout = _seconds(c.connect_timeout) if c.HasField("connect_timeout") else 5.0
+    return Cluster(c.name, _LB[c.lb_policy], http2, timeout, kind == "EDS", static)
+
+
+def _unpack(any_msg: any_pb2.Any, cls, type_url: str):
+    if any_msg.type_url != type_url:
+        raise ConfigError(any_msg.type_url or "resource", f"expected {type_url}")
+    msg = cls()
+    any_msg.Unpack(msg)
+    return msg
+
+
+def parse_resources(type_url: str, resources: Iterable[any_pb2.Any]) -> dict:
+    """All or nothing: every resource of one response parses, or the whole response is NACKed."""
+    out: dict = {}
+    for r in resources:
+        if type_url == xdstypes.LISTENER:
+            v = parse_listener(_unpack(r, listener_pb2.Listener, type_url))
+        elif type_url == xdstypes.ROUTE:
+            v = parse_route_config(_unpack(r, route_pb2.RouteConfiguration, type_url))
+        elif type_url == xdstypes.CLUSTER:
+            v = parse_cluster(_unpack(r, cluster_pb2.Cluster, type_url))
+        elif type_url == xdstypes.ENDPOINT:
+            cla = _unpack(r, endpoint_pb2.ClusterLoadAssignment, type_url)
+            out[cla.cluster_name] = parse_endpoints(cla, f"ClusterLoadAssignment {cla.cluster_name}")
+            continue
+        else:
+            raise ConfigError(type_url, "resource type is not supported")
+        if v.name in out:
+            raise ConfigError(f"{v.name}", "resource name appears twice in one response")
+        out[v.name] = v
+    return out

@@ -1,0 +1,1 @@
+"""Upstream side: choosing an endpoint and keeping connections to it."""
