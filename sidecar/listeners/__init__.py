@@ -1,0 +1,1 @@
+"""Listeners: accept downstream connections and turn what they read into `Call`s."""

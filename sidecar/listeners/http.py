@@ -1,0 +1,844 @@
+"""The HTTP/1.1 proxy listener: asyncio protocols + httptools, driven from callbacks.
+
+Why callbacks and not a task per request: this is the hot path (design decision 5), and an
+exchange is a small state machine that the two parsers (downstream request, upstream response)
+advance.  The only coroutine is opening a new upstream connection.
+
+One `_Downstream` per client connection parses requests into `_Exchange`s, kept in arrival order;
+the head of the queue is the active one, later ones are pipelined and wait (their bodies are
+buffered, and reading pauses once one is complete).  Bodies are streamed both ways and never
+buffered whole; each side's `pause_writing` pauses reading on the other side.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections import deque
+from http import HTTPStatus
+
+from httptools import (HttpParserCallbackError, HttpParserError, HttpParserUpgrade,
+                       HttpRequestParser)
+
+from sidecar.call import (GRPC_CANCELLED, GRPC_DEADLINE_EXCEEDED, GRPC_INTERNAL,
+                          GRPC_INVALID_ARGUMENT, GRPC_UNAVAILABLE, REASON_HEADER, Call, Reply,
+                          upstream_timeout, upstream_unavailable)
+from sidecar.dataplane import Dataplane, Target
+from sidecar.upstream.http_pool import (CHUNKED, CONTENT_LENGTH, NO_BODY, HttpPool,
+                                        UpstreamConnection)
+
+log = logging.getLogger("protomesh.sidecar")
+
+RETRY_BUFFER_LIMIT = 64 * 1024  # a request this small (head + body) is kept for one retry
+PENDING_LIMIT = 64 * 1024  # body buffered while connecting / while queued before reading pauses
+
+_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                  b"upgrade", b"transfer-encoding"))
+# Request headers never copied as received: hop-by-hop, the ones we rewrite, and Expect
+# (answered here).
+_REQ_SKIP = _HOP | {b"x-forwarded-for", b"x-forwarded-proto", b"expect"}
+_CRLF = b"\r\n"
+_CHUNK_END = b"0\r\n\r\n"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+
+# Pause bits for the downstream transport's reading.
+_P_PIPELINE = 1  # a later request is complete while an earlier one is in flight
+_P_UPSTREAM = 2  # the upstream cannot take more body yet (write buffer full, or connecting)
+
+# Response body framing towards the client.
+_M_NONE = 0
+_M_RAW = 1
+_M_CHUNK = 2
+
+_status_lines: dict[int, bytes] = {}
+
+
+def _status_line(status: int, reason: bytes = b"") -> bytes:
+    if reason:
+        return b"HTTP/1.1 %d %s\r\n" % (status, reason)
+    line = _status_lines.get(status)
+    if line is None:
+        try:
+            phrase = HTTPStatus(status).phrase.encode()
+        except ValueError:
+            phrase = b"Unknown"
+        line = _status_lines[status] = b"HTTP/1.1 %d %s\r\n" % (status, phrase)
+    return line
+
+
+def _tokens(value: str) -> list[str]:
+    return [t.strip() for t in value.lower().split(",") if t.strip()]
+
+
+class _Stop(Exception):
+    """Raised from a parser callback to stop parsing a connection we are closing."""
+
+
+class _HeadersTooLarge(Exception):
+    pass
+
+
+class _Exchange:
+    """One request/response through the proxy; the upstream connection reports to it."""
+
+    __slots__ = ("conn", "method", "method_b", "version", "url", "raw", "lnames", "headers",
+                 "chunked", "keep_alive", "expect", "req_done", "active", "early", "call",
+                 "target", "up", "task", "timer", "sent", "sent_size", "pending",
+                 "pending_size", "pending_full", "up_paused", "retried", "resp_started",
+                 "resp_done", "finished", "status", "mode", "close_after", "bytes_in",
+                 "bytes_out", "out")
+
+    def __init__(self, conn: "_Downstream", method_b: bytes, version: str, url: bytes,
+                 raw: list, lnames: list, headers: dict, chunked: bool, has_body: bool,
+                 keep_alive: bool, expect: bool):
+        self.conn = conn
+        self.method_b = method_b
+        self.method = _METHODS.get(method_b) or method_b.decode("latin-1")
+        self.version = version
+        self.url = url
+        self.raw = raw
+        self.lnames = lnames
+        self.headers = headers
+        self.chunked = chunked
+        self.keep_alive = keep_alive
+        self.expect = expect
+        self.req_done = not has_body
+        self.active = False
+        self.early: list | None = None  # body that arrived while queued behind another request
+        self.call: Call | None = None
+        self.target: Target | None = None
+        self.up: UpstreamConnection | None = None
+        self.task: asyncio.Task | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.sent: list | None = []  # everything sent upstream, while small (for one retry)
+        self.sent_size = 0
+        self.pending: list = []  # to write once an upstream connection is attached
+        self.pending_size = 0
+        self.pending_full = False
+        self.up_paused = False
+        self.retried = False
+        self.resp_started = False
+        self.resp_done = False
+        self.finished = False
+        self.status = 0
+        self.mode = _M_NONE
+        self.close_after = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.out: list = []  # response bytes collected during one upstream read, sent at once
+
+    # ---- request side -------------------------------------------------------------------
+    def activate(self) -> None:
+        """Become the exchange in flight on its connection: route it and start forwarding."""
+        self.active = True
+        conn = self.conn
+        listener = conn.listener
+        dp = listener.dataplane
+        call = self.call = Call("http", self.method, self.headers.get("host", ""),
+                                self.url.decode("latin-1"), self.headers, conn.peer, listener.name)
+        dp.begin(call)
+        result = dp.route(call)
+        if isinstance(result, Reply):
+            self.local_reply(result)
+            return
+        self.target = result
+        head = self._request_head(result, dp.upstream_headers(call))
+        if self.expect and not self.req_done:
+            conn.transport.write(_CONTINUE)
+        self._emit((head,))
+        early = self.early
+        if early:
+            self.early = None
+            for data in early:
+                self._emit_body(data)
+        if self.req_done:
+            self._request_sent()
+        up = listener.pool.take_idle(result.endpoint)
+        if up is not None:
+            self._attach(up)
+        else:
+            self.task = asyncio.get_running_loop().create_task(self._connect())
+
+    def _request_head(self, target: Target, trace_pairs: list) -> bytes:
+        conn = self.conn
+        headers = self.headers
+        skip = _REQ_SKIP
+        extra = []
+        connection = headers.get("connection")
+        if connection:
+            extra = [t.encode("latin-1") for t in _tokens(connection)]
+        if trace_pairs:
+            extra += [name.encode("latin-1") for name, _ in trace_pairs]
+        if extra:
+            skip = skip.union(extra)
+        path = self.url if target.path is self.call.path else target.path.encode("latin-1", "replace")
+        parts = [self.method_b, b" ", path, b" HTTP/1.1\r\n"]
+        append = parts.append
+        for (name, value), lname in zip(self.raw, self.lnames):
+            if lname in skip:
+                continue
+            append(name)
+            append(b": ")
+            append(value)
+            append(_CRLF)
+        if "host" not in headers:
+            append(b"host: %s\r\n" % target.endpoint.address.encode())
+        xff = headers.get("x-forwarded-for")
+        append(b"x-forwarded-for: ")
+        append(conn.peer_ip_b if not xff else (xff + ", " + conn.peer_ip).encode("latin-1"))
+        append(b"\r\nx-forwarded-proto: http\r\n")
+        if "x-request-id" not in headers:
+            rid = str(uuid.uuid4())
+            headers["x-request-id"] = rid
+            append(b"x-request-id: %s\r\n" % rid.encode())
+        for name, value in trace_pairs:
+            append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+        if self.chunked:
+            append(b"transfer-encoding: chunked\r\n")
+        append(_CRLF)
+        return b"".join(parts)
+
+    def on_request_body(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        if self.resp_done or self.finished:
+            return  # answered already; the rest of the body is dropped (connection closes)
+        if not self.active:
+            if self.early is None:
+                self.early = []
+            self.early.append(data)
+            return
+        self._emit_body(data)
+
+    def on_request_complete(self) -> None:
+        self.req_done = True
+        if self.active and self.target is not None and not self.finished:
+            self._request_sent()
+
+    def _request_sent(self) -> None:
+        if self.chunked:
+            self._emit((_CHUNK_END,))
+        timeout = self.target.timeout_s
+        if timeout is not None and self.timer is None and not self.resp_started:
+            self.timer = asyncio.get_running_loop().call_later(timeout, self._on_timeout)
+
+    def _emit_body(self, data: bytes) -> None:
+        if self.chunked:
+            self._emit((b"%x\r\n" % len(data), data, _CRLF))
+        else:
+            self._emit((data,))
+
+    def _emit(self, parts) -> None:
+        n = sum(map(len, parts))
+        sent = self.sent
+        if sent is not None:
+            size = self.sent_size + n
+            if size > RETRY_BUFFER_LIMIT:
+                self.sent = None
+            else:
+                sent.extend(parts)
+                self.sent_size = size
+        up = self.up
+        if up is not None:
+            up.writelines(parts)
+            return
+        self.pending.extend(parts)
+        self.pending_size += n
+        if not self.pending_full and self.pending_size > PENDING_LIMIT:
+            self.pending_full = True
+            self.conn.set_paused(_P_UPSTREAM, True)
+
+    # ---- upstream connection ------------------------------------------------------------
+    async def _connect(self) -> None:
+        target = self.target
+        try:
+            up = await self.conn.listener.pool.connect(target.endpoint,
+                                                       target.cluster.connect_timeout_s)
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.task = None
+            if not self.finished and not self.resp_started:
+                if isinstance(exc, TimeoutError):
+                    why = f"connect timeout after {target.cluster.connect_timeout_s:g}s"
+                else:
+                    why = f"connect failed: {exc.strerror or exc}"
+                self.local_reply(upstream_unavailable(target.cluster.name,
+                                                      target.endpoint.address, why))
+            return
+        self.task = None
+        if self.finished or self.resp_started:
+            self.conn.listener.pool.release(up, False)
+            return
+        try:
+            self._attach(up)
+        except Exception:  # a bug must not leave the client hanging
+            log.exception("http exchange failed")
+            self.conn.abort()
+
+    def _attach(self, up: UpstreamConnection) -> None:
+        self.up = up
+        up.start(self, self.method_b == b"HEAD")
+        if self.conn.write_paused:
+            up.pause_reading()
+        if self.pending:
+            pending = self.pending
+            self.pending = []
+            self.pending_size = 0
+            if self.pending_full:
+                self.pending_full = False
+                self._update_pause()
+            up.writelines(pending)
+
+    def _update_pause(self) -> None:
+        self.conn.set_paused(_P_UPSTREAM, self.pending_full or self.up_paused)
+
+    def _drop_upstream(self) -> None:
+        """Forget the upstream side without reusing it (timeout, local reply, client gone)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        up = self.up
+        if up is not None:
+            self.up = None
+            up.abort()
+        if self.pending_full or self.up_paused:
+            self.pending_full = self.up_paused = False
+            self._update_pause()
+
+    def _on_timeout(self) -> None:
+        self.timer = None
+        if self.resp_started or self.finished:
+            return
+        target = self.target
+        self.local_reply(upstream_timeout(target.cluster.name, target.timeout_s))
+
+    # ---- ResponseHandler ----------------------------------------------------------------
+    def on_response_head(self, status: int, reason: bytes, headers: list, framing: int) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.resp_started = True
+        self.status = status
+        conn = self.conn
+        http11 = self.version != "1.0"
+        parts = [_status_line(status, reason)]
+        append = parts.append
+        named = None  # headers the upstream's Connection header declares hop-by-hop
+        for name, value in headers:
+            lname = name.lower()
+            if lname in _HOP:
+                if lname == b"connection":
+                    tokens = {t.encode("latin-1") for t in _tokens(value.decode("latin-1"))}
+                    tokens -= {b"close", b"keep-alive"}
+                    if tokens:
+                        named = tokens if named is None else named | tokens
+                continue
+            append(name)
+            append(b": ")
+            append(value)
+            append(_CRLF)
+        if named:
+            kept = [parts[0]]
+            for name, value in headers:
+                lname = name.lower()
+                if lname not in _HOP and lname not in named:
+                    kept += (name, b": ", value, _CRLF)
+            parts = kept
+            append = parts.append
+        close = not self.keep_alive or conn.draining or conn.last_request(self)
+        if framing == NO_BODY:
+            self.mode = _M_NONE
+        elif framing == CONTENT_LENGTH:
+            self.mode = _M_RAW
+        elif http11:
+            self.mode = _M_CHUNK
+            append(b"transfer-encoding: chunked\r\n")
+        else:
+            self.mode = _M_RAW  # HTTP/1.0 client: the end of the body is the end of the connection
+            close = True
+        if close:
+            append(b"connection: close\r\n")
+        elif not http11:
+            append(b"connection: keep-alive\r\n")
+        append(_CRLF)
+        self.close_after = close
+        self.out.append(b"".join(parts))
+
+    def on_response_body(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        if self.mode == _M_CHUNK:
+            self.out += (b"%x\r\n" % len(data), data, _CRLF)
+        elif self.mode == _M_RAW:
+            self.out.append(data)
+
+    def flush(self) -> None:
+        """End of one upstream read: one write downstream for head and body pieces."""
+        out = self.out
+        if out:
+            self.out = []
+            if len(out) == 1:
+                self.conn.transport.write(out[0])
+            else:
+                self.conn.transport.writelines(out)
+
+    def on_response_complete(self, keep_alive: bool) -> None:
+        if self.mode == _M_CHUNK:
+            self.out.append(_CHUNK_END)
+        self.flush()
+        up = self.up
+        self.up = None
+        if up is not None:
+            self.conn.listener.pool.release(up, keep_alive and self.req_done and not self.pending)
+        if self.up_paused:
+            self.up_paused = False
+            self._update_pause()
+        self._finish(self.status, "")
+        self._response_done()
+
+    def on_upstream_lost(self, why: str, got_bytes: bool) -> None:
+        up = self.up
+        self.up = None
+        if self.up_paused:
+            self.up_paused = False
+            self._update_pause()
+        if self.finished:
+            return
+        target = self.target
+        if self.resp_started:
+            self._finish(self.status, "upstream_reset_after_response_started")
+            self.conn.abort()
+            return
+        if (not got_bytes and up is not None and up.reused and not self.retried
+                and self.sent is not None):
+            # The server closed a pooled connection as we reused it: resend on a fresh one.
+            self.retried = True
+            self.pending = list(self.sent)
+            self.pending_size = self.sent_size
+            self.task = asyncio.get_running_loop().create_task(self._connect())
+            return
+        where = f"cluster {target.cluster.name} endpoint {target.endpoint.address}"
+        if why.startswith("protocol error"):
+            reply = Reply(502, GRPC_UNAVAILABLE, "upstream_protocol_error", f"{where}: {why}")
+        else:
+            reply = Reply(503, GRPC_UNAVAILABLE, "upstream_reset",
+                          f"{where}: {why} before the response started")
+        self.local_reply(reply)
+
+    def on_upstream_pause(self) -> None:
+        if not self.up_paused:
+            self.up_paused = True
+            self._update_pause()
+
+    def on_upstream_resume(self) -> None:
+        if self.up_paused:
+            self.up_paused = False
+            self._update_pause()
+
+    # ---- endings ------------------------------------------------------------------------
+    def local_reply(self, reply: Reply) -> None:
+        self._drop_upstream()
+        self.resp_started = True
+        self.status = reply.status
+        self.mode = _M_NONE
+        conn = self.conn
+        close = (not self.keep_alive or not self.req_done or conn.draining
+                 or conn.last_request(self))
+        body = conn.write_reply(reply, self.call, close, self.version != "1.0",
+                                self.method_b == b"HEAD")
+        self.bytes_out += body
+        self.close_after = close
+        self._finish(reply.status, reply.reason)
+        self._response_done()
+
+    def downstream_lost(self) -> None:
+        if self.finished:
+            return
+        self._drop_upstream()
+        self._finish(499, "downstream_reset")
+
+    def _finish(self, status: int, reason: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.call is not None:
+            self.conn.listener.dataplane.finish(self.call, self.target, status, reason,
+                                                bytes_in=self.bytes_in, bytes_out=self.bytes_out)
+
+    def _response_done(self) -> None:
+        self.resp_done = True
+        self.conn.exchange_done(self)
+
+
+class _Downstream(asyncio.Protocol):
+    """One client connection: parse requests, keep them in order, answer them in order."""
+
+    def __init__(self, listener: "HttpListener"):
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.parser = HttpRequestParser(self)
+        self.peer = ""
+        self.peer_ip = ""
+        self.peer_ip_b = b""
+        self.queue: deque[_Exchange] = deque()
+        self.parsing: _Exchange | None = None  # exchange whose body is being parsed
+        self.in_headers = False
+        self.url = b""
+        self.raw: list = []
+        self.hdr_bytes = 0
+        self.hdr_raw = 0
+        self.paused = 0
+        self.write_paused = False
+        self.draining = False
+        self.closing = False
+        self.no_more = False  # the last parsed request ended the connection (close / upgrade)
+        self.deferred: tuple | None = None  # an error reply waiting for earlier responses
+        self.idle_deadline: float | None = None
+        self.idle_timer: asyncio.TimerHandle | None = None
+
+    # ---- asyncio.Protocol ---------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer_ip = str(peer[0])
+            self.peer = f"{peer[0]}:{peer[1]}"
+        self.peer_ip_b = self.peer_ip.encode()
+        self.listener._conns.add(self)
+        self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing or self.no_more:
+            return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade:
+            self.no_more = True  # bytes after an Upgrade request are not HTTP; close after it
+            return
+        except HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Stop):
+                return
+            if isinstance(cause, _HeadersTooLarge):
+                self._fail(431, "headers_too_large",
+                           f"request headers exceed {self.listener.max_header_bytes} bytes")
+                return
+            log.error("http listener %s: request handling failed", self.listener.name,
+                      exc_info=cause)
+            self._fail(500, "internal_error", f"proxy error: {cause!r}")
+            return
+        except HttpParserError as exc:
+            self._fail(400, "bad_request", str(exc) or type(exc).__name__)
+            return
+        if self.in_headers:
+            self.hdr_raw += len(data)
+            if self.hdr_raw > self.listener.max_header_bytes:
+                self._fail(431, "headers_too_large",
+                           f"request headers exceed {self.listener.max_header_bytes} bytes")
+
+    def eof_received(self):
+        return None  # like nginx: a client that stops sending while waiting has gone away
+
+    def connection_lost(self, exc) -> None:
+        self.closing = True
+        self.idle_deadline = None
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        queue = self.queue
+        self.queue = deque()
+        for ex in queue:
+            if ex.active:
+                ex.downstream_lost()
+        self.listener._forget(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.queue:
+            up = self.queue[0].up
+            if up is not None:
+                up.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.queue:
+            up = self.queue[0].up
+            if up is not None:
+                up.resume_reading()
+
+    # ---- httptools callbacks ------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.closing or self.no_more:
+            raise _Stop()
+        self.in_headers = True
+        self.url = b""
+        self.raw = []
+        self.hdr_bytes = 0
+        self.hdr_raw = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.hdr_bytes += len(url)
+        if self.hdr_bytes > self.listener.max_header_bytes:
+            raise _HeadersTooLarge()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.raw.append((name, value))
+        self.hdr_bytes += len(name) + len(value) + 4
+        if self.hdr_bytes > self.listener.max_header_bytes:
+            raise _HeadersTooLarge()
+
+    def on_headers_complete(self) -> None:
+        self.in_headers = False
+        self.idle_deadline = None
+        parser = self.parser
+        raw = self.raw
+        headers: dict[str, str] = {}
+        lnames = []
+        for name, value in raw:
+            lname = name.lower()
+            lnames.append(lname)
+            key = lname.decode("latin-1")
+            v = value.decode("latin-1")
+            old = headers.get(key)
+            headers[key] = v if old is None else old + ", " + v
+        version = parser.get_http_version()
+        connection = headers.get("connection")
+        if connection is None:
+            keep_alive = version == "1.1"
+        else:
+            tokens = _tokens(connection)
+            keep_alive = "close" not in tokens and (version == "1.1" or "keep-alive" in tokens)
+        te = headers.get("transfer-encoding")
+        chunked = te is not None and "chunked" in te.lower()
+        cl = headers.get("content-length")
+        has_body = chunked or (cl is not None and cl.strip() not in ("0", ""))
+        expect = headers.get("expect", "").lower() == "100-continue"
+        ex = _Exchange(self, parser.get_method(), version, self.url, raw, lnames, headers,
+                       chunked, has_body, keep_alive, expect)
+        self.parsing = ex
+        self.queue.append(ex)
+        if len(self.queue) == 1:
+            self._activate(ex)
+
+    def on_body(self, data: bytes) -> None:
+        ex = self.parsing
+        if ex is not None:
+            ex.on_request_body(data)
+            if not ex.active and not self.paused & _P_PIPELINE:
+                self._check_pipeline()
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        self.parsing = None
+        if not self.parser.should_keep_alive():
+            self.no_more = True
+        if ex is None:
+            return
+        if not ex.req_done:
+            ex.on_request_complete()
+        if self.no_more and not self.queue and not self.closing:
+            self._close()
+            return
+        self._check_pipeline()
+
+    # ---- exchange bookkeeping -----------------------------------------------------------
+    def last_request(self, ex: _Exchange) -> bool:
+        """True if nothing may follow `ex` on this connection."""
+        return self.no_more and self.parsing is None and self.queue and self.queue[-1] is ex
+
+    def exchange_done(self, ex: _Exchange) -> None:
+        if self.closing:
+            return
+        if ex.close_after or not ex.req_done or self.draining:
+            self._close()
+            return
+        queue = self.queue
+        if queue and queue[0] is ex:
+            queue.popleft()
+        if queue:
+            self._activate(queue[0])
+            return
+        if self.deferred is not None:
+            status, reason, message = self.deferred
+            self.deferred = None
+            self._fail(status, reason, message)
+            return
+        if self.no_more and self.parsing is None and not self.in_headers:
+            self._close()
+            return
+        self._check_pipeline()
+        self._arm_idle()
+
+    def _activate(self, ex: _Exchange) -> None:
+        try:
+            ex.activate()
+        except Exception as exc:  # a bug in routing/telemetry must still answer the client
+            log.exception("http listener %s: request handling failed", self.listener.name)
+            if ex.resp_started:
+                ex._finish(ex.status, "internal_error")
+                self.abort()
+            elif not ex.finished:
+                ex.keep_alive = False
+                ex.local_reply(Reply(500, GRPC_INTERNAL, "internal_error", f"proxy error: {exc!r}"))
+
+    def _check_pipeline(self) -> None:
+        queue = self.queue
+        want = len(queue) > 1 and (self.parsing is None or
+                                   sum(map(len, self.parsing.early or ())) > PENDING_LIMIT)
+        self.set_paused(_P_PIPELINE, want)
+
+    def set_paused(self, bit: int, on: bool) -> None:
+        before = self.paused
+        after = before | bit if on else before & ~bit
+        if after == before or self.closing:
+            return
+        self.paused = after
+        if not before:
+            self.transport.pause_reading()
+        elif not after:
+            self.transport.resume_reading()
+
+    # ---- replies without an exchange, timers, closing -----------------------------------
+    def write_reply(self, reply: Reply, call: Call | None, close: bool, http11: bool,
+                    head: bool = False) -> int:
+        """Write a local reply; returns the body length sent."""
+        body = json.dumps({"error": reply.reason, "message": reply.message}).encode()
+        parts = [_status_line(reply.status),
+                 b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
+                 b"%s: %s\r\n" % (REASON_HEADER.encode(), reply.reason_value(call).encode())]
+        for name, value in reply.headers:
+            parts.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+        if close:
+            parts.append(b"connection: close\r\n")
+        elif not http11:
+            parts.append(b"connection: keep-alive\r\n")
+        parts.append(_CRLF)
+        if head:
+            body = b""
+        parts.append(body)
+        self.transport.write(b"".join(parts))
+        return len(body)
+
+    def _fail(self, status: int, reason: str, message: str) -> None:
+        """Answer a request we could not parse (or took too long to send), then close."""
+        if self.closing:
+            return
+        ex = self.parsing
+        if ex is not None and not ex.finished:
+            self.parsing = None
+            if ex.active:  # its own body is malformed: answer it (or cut it) and close
+                ex.keep_alive = False
+                if ex.resp_started:
+                    ex._drop_upstream()
+                    ex._finish(ex.status, reason)
+                    self.abort()
+                else:
+                    grpc = GRPC_INVALID_ARGUMENT if status == 400 else GRPC_INTERNAL
+                    ex.local_reply(Reply(status, grpc, reason, message))
+                return
+            self.queue.remove(ex)  # never started; the error reply takes its place
+        if self.queue and not self.queue[0].resp_done:
+            self.deferred = (status, reason, message)  # answer after the ones in front of it
+            self.no_more = True
+            self.set_paused(_P_PIPELINE, True)
+            return
+        grpc = {400: GRPC_INVALID_ARGUMENT, 408: GRPC_DEADLINE_EXCEEDED,
+                499: GRPC_CANCELLED}.get(status, GRPC_INTERNAL)
+        reply = Reply(status, grpc, reason, message)
+        listener = self.listener
+        call = Call("http", "", "", self.url.decode("latin-1"), {}, self.peer, listener.name)
+        listener.dataplane.begin(call)
+        size = self.write_reply(reply, call, True, True)
+        listener.dataplane.finish(call, None, status, reason, bytes_out=size)
+        self._close()
+
+    def _arm_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.idle_deadline = deadline = loop.time() + self.listener.header_timeout_s
+        if self.idle_timer is None:
+            self.idle_timer = loop.call_at(deadline, self._on_idle_timer)
+
+    def _on_idle_timer(self) -> None:
+        self.idle_timer = None
+        deadline = self.idle_deadline
+        if deadline is None or self.closing or self.queue:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < deadline:
+            self.idle_timer = loop.call_at(deadline, self._on_idle_timer)
+            return
+        if self.in_headers:
+            self._fail(408, "header_timeout",
+                       f"request headers not complete within {self.listener.header_timeout_s:g}s")
+        else:
+            self._close()  # an idle keep-alive connection: close quietly
+
+    def drain(self) -> None:
+        """Stop after the request in flight (its response says `Connection: close`)."""
+        self.draining = True
+        if not self.queue and not self.in_headers:
+            self._close()
+
+    def _close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closing = True
+        self.transport.abort()
+
+
+class HttpListener:
+    """An HTTP/1.1 listener that proxies every request the dataplane routes."""
+
+    def __init__(self, name: str, dataplane: Dataplane, pool: HttpPool, *,
+                 max_header_bytes: int = 65536, header_timeout_s: float = 30.0):
+        self.name = name
+        self.dataplane = dataplane
+        self.pool = pool
+        self.max_header_bytes = max_header_bytes
+        self.header_timeout_s = header_timeout_s
+        self.port = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._conns: set[_Downstream] = set()
+        self._empty: asyncio.Event | None = None
+
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Downstream(self), host, port,
+                                                reuse_port=reuse_port or None, backlog=1024)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    def _forget(self, conn: _Downstream) -> None:
+        self._conns.discard(conn)
+        if not self._conns and self._empty is not None:
+            self._empty.set()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop accepting; let requests in flight finish (then close), force-close at timeout."""
+        if self._server is not None:
+            self._server.close()
+        self._empty = asyncio.Event()
+        for conn in list(self._conns):
+            conn.drain()
+        if self._conns:
+            try:
+                await asyncio.wait_for(self._empty.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        for conn in list(self._conns):
+            conn.abort()
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns):
+            conn.abort()
