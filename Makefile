@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.lock
+	# xds-protos ships stale copies of opentelemetry/proto/*; put the real ones back on top.
+	$(BIN)/python -m pip install -q --no-deps --force-reinstall opentelemetry-proto==1.45.2
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

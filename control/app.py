@@ -25,6 +25,7 @@ class ControlOptions:
     xds: str = "0.0.0.0:15010"
     admin: str = "0.0.0.0:15000"
     grace_s: float = 5.0
+    warmup_s: float = 0.0
     debounce_s: float = 0.05
     watch_interval_s: float = 0.5
 
@@ -36,7 +37,7 @@ class ControlServer:
         self.watcher = MeshWatcher(opts.mesh, self._on_mesh, opts.watch_interval_s)
         mesh = self.watcher.load_initial()  # raises MeshError on a broken mesh
         self.views = Views(mesh, self.registry)
-        self.plane = ControlPlane(self.views, self.registry, opts.debounce_s)
+        self.plane = ControlPlane(self.views, self.registry, opts.debounce_s, opts.warmup_s)
         self.admin = AdminServer(self.ready, self.metrics, {
             "/nodes": self.plane.status, "/config_dump": self.config_dump})
         self.server: grpc.aio.Server | None = None

@@ -16,7 +16,9 @@ import yaml
 from control.errors import MeshError
 
 PROTOCOLS = ("grpc", "http")
-LB_POLICIES = ("round_robin", "least_request", "random")
+# ring_hash and maglev are Envoy's and are sent as Envoy defines them; a protomesh sidecar that
+# cannot balance that way yet NACKs the cluster and keeps its last good config.
+LB_POLICIES = ("round_robin", "least_request", "random", "ring_hash", "maglev")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)$")
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 

@@ -44,12 +44,21 @@ class Stream:
         self.state = StreamState()
         self.out: asyncio.Queue = asyncio.Queue()
         self.connected_at = time.time()
+        self.resumed = False  # the node already had config when it connected
 
 
 class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
                    csds_pb2_grpc.ClientStatusDiscoveryServiceServicer):
-    def __init__(self, views: Views, registry: Registry, debounce_s: float = 0.05):
+    def __init__(self, views: Views, registry: Registry, debounce_s: float = 0.05, warmup_s: float = 0.0):
+        """`warmup_s`: after a restart, nodes that come back with config (their first request
+        carries a version) are answered only after this long.  Registrations live only in
+        streams, so a restarted control server knows no endpoints until sidecars reconnect; the
+        first node back must not be told that its peers' services are empty, and it loses
+        nothing by waiting (it serves its last config).  New nodes, which have nothing, are
+        answered at once."""
         self.views = views
+        self.warm_at = time.monotonic() + warmup_s
+        self._warm_handle = None
         self.registry = registry
         self.debounce_s = debounce_s
         self.streams: dict[int, Stream] = {}
@@ -68,11 +77,17 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
 
     def _push_all(self) -> None:
         self._push_handle = None
+        self._warm_handle = None
         for stream in list(self.streams.values()):
             self._kick(stream)
 
     def _kick(self, stream: Stream) -> None:
         if stream.reg is None:
+            return
+        wait = self.warm_at - time.monotonic()
+        if wait > 0 and stream.resumed:
+            if self._warm_handle is None:
+                self._warm_handle = asyncio.get_running_loop().call_later(wait, self._push_all)
             return
         view = self.views.for_node(stream.reg)
         for type_url, version, resources in stream.state.next_sends(view):
@@ -125,6 +140,7 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
                     raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
                 stream.node = req.node
                 stream.reg = reg
+                stream.resumed = bool(req.version_info)
                 if reg.service and reg.service not in self.views.mesh.services:
                     log.warning("node %s registers service %r which mesh.yaml does not define; "
                                 "it gets config but no peer will route to it", reg.node_id, reg.service)

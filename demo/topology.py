@@ -91,12 +91,13 @@ class Topology:
         tmp.replace(self.mesh_path)
 
     # ---- processes ----------------------------------------------------------------------------
-    def start_control(self, grace_s: float = 2.0) -> Proc:
+    def start_control(self, grace_s: float = 2.0, warmup_s: float = 5.0) -> Proc:
         if not self.mesh_path.exists():
             self.write_mesh()
         self.control = self.launcher.start("control", [
             "control", "--mesh", str(self.mesh_path), "--xds", self.control_addr,
-            "--admin", f"127.0.0.1:{self.control_admin}", "--grace", str(grace_s)])
+            "--admin", f"127.0.0.1:{self.control_admin}", "--grace", str(grace_s),
+            "--warmup", str(warmup_s)])
         wait_until(lambda: http_ok(f"http://127.0.0.1:{self.control_admin}/ready"), 20,
                    "the control server to be ready", proc=self.control)
         return self.control
@@ -143,10 +144,12 @@ class Topology:
             wait_until(lambda: http_ok(f"http://127.0.0.1:{self.gateway_admin}/ready"), timeout_s,
                        "the gateway to be ready", proc=self.gateway)
 
-    def wait_endpoints(self, admin_port: int, cluster: str, count: int, timeout_s: float = 20.0) -> None:
-        """Wait until a sidecar (by admin port) sees `count` endpoints in `cluster`."""
+    def wait_endpoints(self, admin_port: int, cluster: str, count: int, timeout_s: float = 20.0,
+                       at_least: bool = False) -> None:
+        """Wait until a sidecar (by admin port) sees `count` (or, `at_least`, that many) endpoints."""
         def seen():
-            return len(admin_json(admin_port, "/clusters")["clusters"].get(cluster, {}).get("endpoints", [])) == count
+            n = len(admin_json(admin_port, "/clusters")["clusters"].get(cluster, {}).get("endpoints", []))
+            return n >= count if at_least else n == count
         wait_until(seen, timeout_s, f"{count} endpoints of {cluster} on admin port {admin_port}")
 
     def start_all(self, users_replicas: int = 2) -> None:
@@ -161,7 +164,7 @@ class Topology:
         for inst in self.instances:
             if inst.service == "orders":
                 self.wait_endpoints(inst.admin, "users", users_replicas)
-                self.wait_endpoints(inst.admin, "products", 1)
+                self.wait_endpoints(inst.admin, "products", 1, at_least=True)
 
     def stop_all(self) -> None:
         self.launcher.stop_all()

@@ -37,7 +37,7 @@ def cmd_control(args) -> int:
 
     try:
         server = ControlServer(ControlOptions(mesh=args.mesh, xds=args.xds, admin=args.admin,
-                                              grace_s=args.grace))
+                                              grace_s=args.grace, warmup_s=args.warmup))
     except MeshError as exc:
         print(f"protomesh control: {exc}", file=sys.stderr)
         return 2
@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--admin", default="0.0.0.0:15000", help="admin HTTP listen address")
     c.add_argument("--grace", type=float, default=5.0,
                    help="seconds a sidecar stays an endpoint after its stream ends")
+    c.add_argument("--warmup", type=float, default=5.0,
+                   help="after a restart, seconds before answering sidecars that already have config, "
+                        "so every reconnecting sidecar re-registers first (new sidecars are answered at once)")
     c.set_defaults(func=cmd_control)
 
     s = sub.add_parser("sidecar", help="run a sidecar (or, with --gateway, the edge gateway)")

@@ -164,6 +164,13 @@ class Sidecar:
         return {"clusters": out, "http_pool": self.http_pool.stats(), "grpc_channels": self.grpc_pool.stats()}
 
     # ---- lifecycle ------------------------------------------------------------------------
+    async def _flush_access_log(self, every_s: float = 0.5) -> None:
+        """The access log is block-buffered (a write per request would cost a syscall each);
+        flushing twice a second keeps it near real time for whoever tails it."""
+        while True:
+            await asyncio.sleep(every_s)
+            self.dataplane.access_log.flush()
+
     async def run(self, stop: asyncio.Event) -> int:
         if self.opts.otlp is not None or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
             setup_tracing(f"sidecar.{self.node.cluster}", self.opts.otlp
@@ -175,9 +182,11 @@ class Sidecar:
         if self.xds.restore():
             log.info("serving the persisted config while the control server is reached")
         xds_task = asyncio.ensure_future(self.xds.run())
+        flusher = asyncio.ensure_future(self._flush_access_log())
         log.info("sidecar %s: admin on %s:%d, control %s", self.node.id, host, self.admin.port,
                  ",".join(self.opts.control))
         await stop.wait()
+        flusher.cancel()
         self.draining = True
         log.info("draining: readiness off, waiting %.1fs before closing listeners", self.opts.drain_delay_s)
         if self.opts.drain_delay_s:

@@ -62,7 +62,9 @@ def cluster(name: str, lb: str, grpc: bool, connect_timeout_s: float,
         connect_timeout=duration(connect_timeout_s),
         lb_policy={"round_robin": cluster_pb2.Cluster.ROUND_ROBIN,
                    "least_request": cluster_pb2.Cluster.LEAST_REQUEST,
-                   "random": cluster_pb2.Cluster.RANDOM}[lb],
+                   "random": cluster_pb2.Cluster.RANDOM,
+                   "ring_hash": cluster_pb2.Cluster.RING_HASH,
+                   "maglev": cluster_pb2.Cluster.MAGLEV}[lb],
     )
     if static is None:
         c.type = cluster_pb2.Cluster.EDS

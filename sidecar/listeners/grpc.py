@@ -139,6 +139,8 @@ class GrpcListener:
             reason = "upstream_timeout"
         trailing = tuple(err.trailing_metadata() or ())
         details = err.details() or ""
+        if any(k == REASON_HEADER for k, _ in trailing):
+            reason = ""  # a peer sidecar's local reply: it already says why; relay it unchanged
         if reason:
             trailing += ((REASON_HEADER, f"{reason} route={call.route_name}"),)
             details = f"{reason}: cluster {target.cluster.name} endpoint {call.upstream}: {details}"

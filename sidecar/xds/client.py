@@ -24,7 +24,7 @@ from sidecar.xds.store import WILDCARD, Store
 log = logging.getLogger("protomesh.sidecar.xds")
 
 
-def backoff_delays(base: float = 0.2, cap: float = 10.0, rand: Callable[[], float] = random.random):
+def backoff_delays(base: float = 0.2, cap: float = 5.0, rand: Callable[[], float] = random.random):
     """Full-jitter exponential backoff: each delay is uniform in [0, min(cap, base * 2**n)]."""
     n = 0
     while True:
