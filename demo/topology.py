@@ -120,8 +120,8 @@ class Topology:
             "--outbound-grpc", f"127.0.0.1:{inst.outbound_grpc}",
             "--admin", f"127.0.0.1:{inst.admin}", "--node-id", f"{replica}-sidecar",
             "--label", f"replica={replica}",
-            "--access-log", str(self.workdir / "logs" / f"{replica}-sidecar.access.jsonl"),
-            *self._otlp_args()]
+            "--access-log", str(self.workdir / "logs" / f"{replica}-sidecar.access.jsonl")]
+        # No --otlp: sidecars take the tracing config the control server pushes (mesh.yaml telemetry).
         if state_dir:
             sidecar_args += ["--state-dir", str(self.workdir / "state")]
         inst.sidecar = self.launcher.start(f"{replica}-sidecar", sidecar_args)
@@ -133,7 +133,7 @@ class Topology:
             "sidecar", "--gateway", "--control", self.control_addr, "--admin",
             f"127.0.0.1:{self.gateway_admin}", "--node-id", "gateway",
             "--access-log", str(self.workdir / "logs" / "gateway.access.jsonl"),
-            "--state-dir", str(self.workdir / "state"), *self._otlp_args()])
+            "--state-dir", str(self.workdir / "state")])
         return self.gateway
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
@@ -161,6 +161,8 @@ class Topology:
         self.start_gateway()
         self.wait_ready()
         self.wait_endpoints(self.gateway_admin, "users", users_replicas)
+        self.wait_endpoints(self.gateway_admin, "orders", 1)
+        self.wait_endpoints(self.gateway_admin, "products", 1, at_least=True)
         for inst in self.instances:
             if inst.service == "orders":
                 self.wait_endpoints(inst.admin, "users", users_replicas)

@@ -1,0 +1,1 @@
+"""The bundled demo mesh: users (gRPC), orders (gRPC), products (HTTP/JSON)."""
