@@ -99,15 +99,33 @@ class Sidecar:
         self.admin = AdminServer(self.ready, self.metrics, {
             "/config_dump": self.config_dump, "/clusters": self.clusters})
         self.draining = False
+        self._tracing_set = False
         self._reconciled = asyncio.Event()
         self._pending: asyncio.Task | None = None
 
     # ---- config updates ---------------------------------------------------------------------
     def _on_config(self, config: RuntimeConfig) -> None:
+        if not self._tracing_set:
+            self._setup_tracing(config)
         self.dataplane.swap(config)
         self.stats.inc("config_updates")
         prev = self._pending
         self._pending = asyncio.ensure_future(self._apply(prev, config))
+
+    def _setup_tracing(self, config: RuntimeConfig | None) -> None:
+        """--otlp (or OTEL_EXPORTER_OTLP_ENDPOINT) wins; else the tracing the control server sends
+        with the first config (mesh.yaml `telemetry`).  OpenTelemetry has one provider per
+        process, so a later change of endpoint needs a sidecar restart (logged)."""
+        endpoint = self.opts.otlp or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        sampling = self.opts.sampling
+        if endpoint is None and config is not None:
+            pushed = next((l.tracing for l in config.listeners.values() if l.tracing), None)
+            if pushed is not None:
+                endpoint, sampling = pushed.otlp_endpoint, pushed.sampling
+        if endpoint is None and (config is None or not config.listeners):
+            return  # decide when the first listeners (which carry the tracing config) arrive
+        setup_tracing(f"sidecar.{self.node.cluster}", endpoint, sampling)
+        self._tracing_set = True
 
     async def _apply(self, prev: asyncio.Task | None, config: RuntimeConfig) -> None:
         if prev is not None:
@@ -172,11 +190,8 @@ class Sidecar:
             self.dataplane.access_log.flush()
 
     async def run(self, stop: asyncio.Event) -> int:
-        if self.opts.otlp is not None or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-            setup_tracing(f"sidecar.{self.node.cluster}", self.opts.otlp
-                          or os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"], self.opts.sampling)
-        else:
-            setup_tracing(f"sidecar.{self.node.cluster}", None, self.opts.sampling)
+        if self.opts.otlp or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+            self._setup_tracing(None)
         host, _, port = self.opts.admin.rpartition(":")
         await self.admin.start(host, int(port))
         if self.xds.restore():

@@ -2,19 +2,21 @@
 from __future__ import annotations
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.config.trace.v3 import http_tracer_pb2, opentelemetry_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
-from control.model import GatewayRoute, HeaderRule
+from control.model import GatewayRoute, HeaderRule, Telemetry
 from protomesh import xdstypes
 
 
@@ -39,8 +41,22 @@ def ads_source() -> config_source_pb2.ConfigSource:
                                           resource_api_version=config_source_pb2.V3)
 
 
+def tracing(telemetry: Telemetry, service_name: str) -> hcm_pb2.HttpConnectionManager.Tracing | None:
+    """Envoy's OpenTelemetry tracer config: the same message drives Envoy and our sidecar."""
+    if not telemetry.otlp_endpoint:
+        return None
+    target = telemetry.otlp_endpoint.split("://", 1)[-1]
+    otel = opentelemetry_pb2.OpenTelemetryConfig(
+        service_name=service_name,
+        grpc_service=grpc_service_pb2.GrpcService(
+            google_grpc=grpc_service_pb2.GrpcService.GoogleGrpc(target_uri=target, stat_prefix="otlp")))
+    return hcm_pb2.HttpConnectionManager.Tracing(
+        random_sampling=percent_pb2.Percent(value=telemetry.sampling * 100.0),
+        provider=http_tracer_pb2.Tracing.Http(name="envoy.tracers.opentelemetry", typed_config=pack(otel)))
+
+
 def listener(name: str, host: str, port: int, route_config: str, grpc: bool,
-             direction: int = base_pb2.UNSPECIFIED) -> listener_pb2.Listener:
+             direction: int = base_pb2.UNSPECIFIED, trace=None) -> listener_pb2.Listener:
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=name,
         codec_type=hcm_pb2.HttpConnectionManager.HTTP2 if grpc else hcm_pb2.HttpConnectionManager.HTTP1,
@@ -48,6 +64,8 @@ def listener(name: str, host: str, port: int, route_config: str, grpc: bool,
         http_filters=[hcm_pb2.HttpFilter(name="envoy.filters.http.router",
                                          typed_config=pack(router_pb2.Router()))],
     )
+    if trace is not None:
+        hcm.tracing.CopyFrom(trace)
     return listener_pb2.Listener(
         name=name, address=socket_address(host, port), traffic_direction=direction,
         filter_chains=[listener_components_pb2.FilterChain(filters=[

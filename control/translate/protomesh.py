@@ -47,22 +47,23 @@ def sidecar_view(mesh: Mesh, reg: Registration, endpoints: dict, clusters: dict)
     protocol = reg.protocol or (svc.protocol if svc else "http")
     listeners, routes = {}, {}
     clusters = dict(clusters)
+    trace = build.tracing(mesh.telemetry, f"sidecar.{reg.service}")
     if reg.app and reg.inbound:
         name = inbound_cluster(reg.service)
         clusters[name] = build.pack(build.cluster(name, "round_robin", protocol == "grpc",
                                                   svc.connect_timeout_s if svc else 1.0, static=[reg.app]))
         listeners[INBOUND_LISTENER] = build.pack(build.listener(
-            INBOUND_LISTENER, *reg.inbound, name, protocol == "grpc", base_pb2.INBOUND))
+            INBOUND_LISTENER, *reg.inbound, name, protocol == "grpc", base_pb2.INBOUND, trace))
         routes[name] = build.pack(build.route_config(name, [build.vhost("app", ["*"], [
             build.route(f"inbound-{reg.service}", prefix="/", split=((name, 1),),
                         timeout_s=svc.timeout_s if svc else 15.0)])]))
     if reg.outbound_http:
         listeners[OUTBOUND_HTTP] = build.pack(build.listener(
-            OUTBOUND_HTTP, *reg.outbound_http, OUTBOUND_HTTP, False, base_pb2.OUTBOUND))
+            OUTBOUND_HTTP, *reg.outbound_http, OUTBOUND_HTTP, False, base_pb2.OUTBOUND, trace))
         routes[OUTBOUND_HTTP] = build.pack(outbound_http_routes(mesh))
     if reg.outbound_grpc:
         listeners[OUTBOUND_GRPC] = build.pack(build.listener(
-            OUTBOUND_GRPC, *reg.outbound_grpc, OUTBOUND_GRPC, True, base_pb2.OUTBOUND))
+            OUTBOUND_GRPC, *reg.outbound_grpc, OUTBOUND_GRPC, True, base_pb2.OUTBOUND, trace))
         routes[OUTBOUND_GRPC] = build.pack(outbound_grpc_routes(mesh))
     return {xdstypes.CLUSTER: clusters, xdstypes.ENDPOINT: endpoints,
             xdstypes.LISTENER: listeners, xdstypes.ROUTE: routes}
@@ -93,7 +94,8 @@ def gateway_view(mesh: Mesh, endpoints: dict, clusters: dict) -> dict[str, dict]
         for protocol, addr, name in (("http", gw.http, GATEWAY_HTTP), ("grpc", gw.grpc, GATEWAY_GRPC)):
             if addr is None:
                 continue
-            listeners[name] = build.pack(build.listener(name, *addr, name, protocol == "grpc"))
+            listeners[name] = build.pack(build.listener(name, *addr, name, protocol == "grpc",
+                                                        trace=build.tracing(mesh.telemetry, "sidecar.gateway")))
             routes[name] = build.pack(build.route_config(name, [build.vhost(name, ["*"], by_protocol[protocol])]))
     return {xdstypes.CLUSTER: clusters, xdstypes.ENDPOINT: endpoints,
             xdstypes.LISTENER: listeners, xdstypes.ROUTE: routes}

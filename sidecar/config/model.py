@@ -207,6 +207,14 @@ class Cluster:
 
 
 @dataclass(frozen=True, slots=True)
+class Tracing:
+    """Where spans go (an OTLP/gRPC endpoint) and the share of new traces to sample."""
+
+    otlp_endpoint: str
+    sampling: float
+
+
+@dataclass(frozen=True, slots=True)
 class Listener:
     name: str
     host: str
@@ -216,6 +224,7 @@ class Listener:
     route_table: str  # RDS name (or the inline table's name)
     inline_routes: RouteTable | None = None
     filters: tuple[str, ...] = ()  # http filter type names in order (router last)
+    tracing: "Tracing | None" = None
 
     @property
     def address(self) -> str:

@@ -17,13 +17,14 @@ from envoy.config.core.v3 import base_pb2, health_check_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.config.trace.v3 import opentelemetry_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import any_pb2
 
 from protomesh import xdstypes
 from sidecar.config.errors import ConfigError
 from sidecar.config.model import (
-    Cluster, Endpoint, HeaderMatch, Listener, PathMatch, Route, RouteTable, StringMatch,
+    Cluster, Endpoint, HeaderMatch, Listener, PathMatch, Route, RouteTable, StringMatch, Tracing,
     VirtualHost, WeightedCluster,
 )
 
@@ -184,7 +185,30 @@ def parse_listener(lst: listener_pb2.Listener) -> Listener:
     else:
         raise ConfigError(hwhere, "needs rds or route_config")
     direction = base_pb2.TrafficDirection.Name(lst.traffic_direction).lower()
-    return Listener(lst.name, sa.address, sa.port_value, protocol, direction, table, inline, tuple(filters))
+    tracing = parse_tracing(hcm.tracing, hwhere + ".tracing") if hcm.HasField("tracing") else None
+    return Listener(lst.name, sa.address, sa.port_value, protocol, direction, table, inline, tuple(filters),
+                    tracing)
+
+
+OTEL_TRACER = "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig"
+
+
+def parse_tracing(t, where: str) -> Tracing:
+    """Envoy's OpenTelemetry tracer over gRPC is what we honour (the same config drives Envoy)."""
+    _only(t, {"provider", "random_sampling"}, where)
+    if t.provider.typed_config.type_url != OTEL_TRACER:
+        raise ConfigError(where + ".provider", f"tracer {t.provider.name or t.provider.typed_config.type_url} "
+                          "is not supported (use envoy.tracers.opentelemetry)")
+    otel = opentelemetry_pb2.OpenTelemetryConfig()
+    t.provider.typed_config.Unpack(otel)
+    target = otel.grpc_service.google_grpc.target_uri
+    if not target:
+        raise ConfigError(where + ".provider.grpc_service", "needs google_grpc.target_uri (the OTLP collector)")
+    sampling = t.random_sampling.value / 100.0 if t.HasField("random_sampling") else 1.0
+    if not 0.0 <= sampling <= 1.0:
+        raise ConfigError(where + ".random_sampling", f"{t.random_sampling.value} is not a percentage")
+    endpoint = target if "://" in target else f"http://{target}"
+    return Tracing(endpoint, sampling)
 
 
 _LB = {

@@ -109,3 +109,12 @@ def test_weighted_clusters_and_rewrite_and_timeout():
     assert r.pick_cluster(0.0) == "a" and r.pick_cluster(0.899) == "a" and r.pick_cluster(0.95) == "b"
     assert r.rewrite("/old/x?y=1") == "/new/x?y=1"
     assert r.timeout_s is None  # 0s means no timeout, as in Envoy
+
+
+def test_tracing_config_from_mesh_telemetry():
+    from control.model import Telemetry
+    trace = build.tracing(Telemetry("http://127.0.0.1:4317", 0.25), "sidecar.users")
+    lst = parse_listener(build.listener("in", "127.0.0.1", 1, "rt", grpc=False, trace=trace))
+    assert lst.tracing.otlp_endpoint == "http://127.0.0.1:4317"
+    assert lst.tracing.sampling == 0.25
+    assert build.tracing(Telemetry(None, 1.0), "x") is None
