@@ -17,6 +17,7 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
 from control.model import GatewayRoute, HeaderRule, Telemetry
+from meshapi.v1 import grpc_methods_pb2
 from protomesh import xdstypes
 
 
@@ -55,8 +56,24 @@ def tracing(telemetry: Telemetry, service_name: str) -> hcm_pb2.HttpConnectionMa
         provider=http_tracer_pb2.Tracing.Http(name="envoy.tracers.opentelemetry", typed_config=pack(otel)))
 
 
+GRPC_METHODS_KEY = "protomesh.grpc_methods"
+_KINDS = {(False, False): grpc_methods_pb2.GrpcMethods.UNARY,
+          (False, True): grpc_methods_pb2.GrpcMethods.SERVER_STREAMING,
+          (True, False): grpc_methods_pb2.GrpcMethods.CLIENT_STREAMING,
+          (True, True): grpc_methods_pb2.GrpcMethods.BIDI_STREAMING}
+
+
+def grpc_methods(services) -> grpc_methods_pb2.GrpcMethods:
+    """Call kinds of every rpc of the given GrpcService models, keyed by HTTP/2 path."""
+    msg = grpc_methods_pb2.GrpcMethods()
+    for g in services:
+        for m in g.methods:
+            msg.methods[f"/{g.full_name}/{m.name}"] = _KINDS[(m.client_streaming, m.server_streaming)]
+    return msg
+
+
 def listener(name: str, host: str, port: int, route_config: str, grpc: bool,
-             direction: int = base_pb2.UNSPECIFIED, trace=None) -> listener_pb2.Listener:
+             direction: int = base_pb2.UNSPECIFIED, trace=None, methods=None) -> listener_pb2.Listener:
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=name,
         codec_type=hcm_pb2.HttpConnectionManager.HTTP2 if grpc else hcm_pb2.HttpConnectionManager.HTTP1,
@@ -66,11 +83,14 @@ def listener(name: str, host: str, port: int, route_config: str, grpc: bool,
     )
     if trace is not None:
         hcm.tracing.CopyFrom(trace)
-    return listener_pb2.Listener(
+    lst = listener_pb2.Listener(
         name=name, address=socket_address(host, port), traffic_direction=direction,
         filter_chains=[listener_components_pb2.FilterChain(filters=[
             listener_components_pb2.Filter(name="envoy.filters.network.http_connection_manager",
                                            typed_config=pack(hcm))])])
+    if grpc and methods is not None and methods.methods:
+        lst.metadata.typed_filter_metadata[GRPC_METHODS_KEY].CopyFrom(pack(methods))
+    return lst
 
 
 def cluster(name: str, lb: str, grpc: bool, connect_timeout_s: float,

@@ -48,12 +48,13 @@ def sidecar_view(mesh: Mesh, reg: Registration, endpoints: dict, clusters: dict)
     listeners, routes = {}, {}
     clusters = dict(clusters)
     trace = build.tracing(mesh.telemetry, f"sidecar.{reg.service}")
+    methods = mesh_grpc_methods(mesh)
     if reg.app and reg.inbound:
         name = inbound_cluster(reg.service)
         clusters[name] = build.pack(build.cluster(name, "round_robin", protocol == "grpc",
                                                   svc.connect_timeout_s if svc else 1.0, static=[reg.app]))
         listeners[INBOUND_LISTENER] = build.pack(build.listener(
-            INBOUND_LISTENER, *reg.inbound, name, protocol == "grpc", base_pb2.INBOUND, trace))
+            INBOUND_LISTENER, *reg.inbound, name, protocol == "grpc", base_pb2.INBOUND, trace, methods))
         routes[name] = build.pack(build.route_config(name, [build.vhost("app", ["*"], [
             build.route(f"inbound-{reg.service}", prefix="/", split=((name, 1),),
                         timeout_s=svc.timeout_s if svc else 15.0)])]))
@@ -63,10 +64,14 @@ def sidecar_view(mesh: Mesh, reg: Registration, endpoints: dict, clusters: dict)
         routes[OUTBOUND_HTTP] = build.pack(outbound_http_routes(mesh))
     if reg.outbound_grpc:
         listeners[OUTBOUND_GRPC] = build.pack(build.listener(
-            OUTBOUND_GRPC, *reg.outbound_grpc, OUTBOUND_GRPC, True, base_pb2.OUTBOUND, trace))
+            OUTBOUND_GRPC, *reg.outbound_grpc, OUTBOUND_GRPC, True, base_pb2.OUTBOUND, trace, methods))
         routes[OUTBOUND_GRPC] = build.pack(outbound_grpc_routes(mesh))
     return {xdstypes.CLUSTER: clusters, xdstypes.ENDPOINT: endpoints,
             xdstypes.LISTENER: listeners, xdstypes.ROUTE: routes}
+
+
+def mesh_grpc_methods(mesh: Mesh):
+    return build.grpc_methods(g for s in mesh.services.values() for g in s.grpc_services)
 
 
 def outbound_http_routes(mesh: Mesh):
@@ -95,7 +100,8 @@ def gateway_view(mesh: Mesh, endpoints: dict, clusters: dict) -> dict[str, dict]
             if addr is None:
                 continue
             listeners[name] = build.pack(build.listener(name, *addr, name, protocol == "grpc",
-                                                        trace=build.tracing(mesh.telemetry, "sidecar.gateway")))
+                                                        trace=build.tracing(mesh.telemetry, "sidecar.gateway"),
+                                                        methods=mesh_grpc_methods(mesh)))
             routes[name] = build.pack(build.route_config(name, [build.vhost(name, ["*"], by_protocol[protocol])]))
     return {xdstypes.CLUSTER: clusters, xdstypes.ENDPOINT: endpoints,
             xdstypes.LISTENER: listeners, xdstypes.ROUTE: routes}

@@ -225,6 +225,7 @@ class Listener:
     inline_routes: RouteTable | None = None
     filters: tuple[str, ...] = ()  # http filter type names in order (router last)
     tracing: "Tracing | None" = None
+    grpc_kinds: Mapping[str, str] = field(default_factory=dict)  # "/pkg.S/M" -> unary | server_stream | …
 
     @property
     def address(self) -> str:

@@ -21,6 +21,7 @@ from envoy.config.trace.v3 import opentelemetry_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import any_pb2
 
+from meshapi.v1 import grpc_methods_pb2
 from protomesh import xdstypes
 from sidecar.config.errors import ConfigError
 from sidecar.config.model import (
@@ -186,8 +187,27 @@ def parse_listener(lst: listener_pb2.Listener) -> Listener:
         raise ConfigError(hwhere, "needs rds or route_config")
     direction = base_pb2.TrafficDirection.Name(lst.traffic_direction).lower()
     tracing = parse_tracing(hcm.tracing, hwhere + ".tracing") if hcm.HasField("tracing") else None
+    kinds = parse_grpc_methods(lst.metadata, where + ".metadata")
     return Listener(lst.name, sa.address, sa.port_value, protocol, direction, table, inline, tuple(filters),
-                    tracing)
+                    tracing, kinds)
+
+
+GRPC_METHODS_KEY = "protomesh.grpc_methods"
+_KIND_NAMES = {grpc_methods_pb2.GrpcMethods.UNARY: "unary",
+               grpc_methods_pb2.GrpcMethods.SERVER_STREAMING: "server_stream",
+               grpc_methods_pb2.GrpcMethods.CLIENT_STREAMING: "client_stream",
+               grpc_methods_pb2.GrpcMethods.BIDI_STREAMING: "bidi_stream"}
+
+
+def parse_grpc_methods(metadata, where: str) -> dict[str, str]:
+    anyv = metadata.typed_filter_metadata.get(GRPC_METHODS_KEY)
+    if anyv is None:
+        return {}
+    msg = grpc_methods_pb2.GrpcMethods()
+    if not anyv.Unpack(msg):
+        raise ConfigError(f"{where}.typed_filter_metadata[{GRPC_METHODS_KEY}]",
+                          f"expected meshapi.v1.GrpcMethods, got {anyv.type_url}")
+    return {path: _KIND_NAMES.get(kind, "bidi_stream") for path, kind in msg.methods.items()}
 
 
 OTEL_TRACER = "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig"

@@ -1,8 +1,9 @@
 """gRPC proxy listener: grpc.aio generic handler forwarding raw message bytes.
 
 Messages are never deserialised: request and response serializers are None, so grpcio hands us
-the framed payload as bytes and we hand the same bytes upstream.  All four call kinds travel as
-stream-stream on the wire, which is what HTTP/2 carries anyway; initial metadata, trailing
+the framed payload as bytes and we hand the same bytes upstream.  The method's kind (from the
+services' protos, pushed with the listener) picks grpcio's handler shape; an unknown method is
+proxied as a bidi stream, which carries any kind on the wire.  Initial metadata, trailing
 metadata, status code and details of the upstream are relayed as they are.
 """
 from __future__ import annotations
@@ -24,18 +25,33 @@ _NO_DEADLINE = 1e9  # time_remaining() above this means "no deadline" (grpcio re
 
 
 class _Handler(grpc.GenericRpcHandler):
+    """Picks grpcio's handler shape from the method's kind (pushed with the listener config):
+    unary methods take grpcio's unary path, which costs far less per call than a stream."""
+
     def __init__(self, listener: "GrpcListener"):
         self._listener = listener
 
     def service(self, details: grpc.HandlerCallDetails):
         method = details.method
         lst = self._listener
+        spec = lst.dataplane.config.listeners.get(lst.name)
+        kind = spec.grpc_kinds.get(method, "bidi_stream") if spec is not None else "bidi_stream"
+        if kind == "unary":
+            async def unary(request, context):
+                return await lst.forward_unary(method, "unary_unary", request, context)
+            return grpc.unary_unary_rpc_method_handler(unary)
+        if kind == "client_stream":
+            async def client_stream(request_iterator, context):
+                return await lst.forward_unary(method, "stream_unary", request_iterator, context)
+            return grpc.stream_unary_rpc_method_handler(client_stream)
+        shape = "unary_stream" if kind == "server_stream" else "stream_stream"
 
-        async def handle(request_iterator, context):
-            async for message in lst.proxy(method, request_iterator, context):
+        async def streaming(request, context):
+            async for message in lst.forward_stream(method, shape, request, context):
                 yield message
-
-        return grpc.stream_stream_rpc_method_handler(handle)
+        if shape == "unary_stream":
+            return grpc.unary_stream_rpc_method_handler(streaming)
+        return grpc.stream_stream_rpc_method_handler(streaming)
 
 
 class GrpcListener:
@@ -68,7 +84,8 @@ class GrpcListener:
     async def close(self) -> None:
         await self.drain(0)
 
-    async def proxy(self, method: str, request_iterator, context: grpc.aio.ServicerContext):
+    def _open(self, method: str, shape: str, request, context):
+        """Route the call and start the upstream call; None when a local reply was given."""
         metadata = context.invocation_metadata() or ()
         headers: dict[str, str] = {}
         forward: list[tuple[str, str | bytes]] = []
@@ -89,53 +106,86 @@ class GrpcListener:
         dp.begin(call)
         result = dp.route(call)
         if isinstance(result, Reply):
-            await self._local_reply(context, call, None, result)
-            return
+            self._local_reply(context, call, None, result)
+            return None
         target: Target = result
         timeout = target.timeout_s
+        mesh_timeout = True
         if has_deadline and (timeout is None or remaining < timeout):
-            timeout = remaining
+            timeout, mesh_timeout = remaining, False
         forward.extend(dp.upstream_headers(call))
         channel = self.pool.channel(target.endpoint.address)
-        upstream = channel.stream_stream(target.path)(
-            request_iterator, timeout=timeout, metadata=tuple(forward))
-        sent = 0
+        upstream = getattr(channel, shape)(target.path)(request, timeout=timeout, metadata=tuple(forward))
+        return _Exchange(call, target, upstream, mesh_timeout)
+
+    async def forward_unary(self, method: str, shape: str, request, context):
+        """unary_unary and stream_unary: one response message."""
+        ex = self._open(method, shape, request, context)
+        if ex is None:
+            return None
         self.inflight += 1
         try:
-            initial = await upstream.initial_metadata()
+            response = await ex.upstream
+            initial = await ex.upstream.initial_metadata()
             if initial:
                 await context.send_initial_metadata(tuple(initial))
-            async for message in upstream:
-                sent += 1
-                yield message
-            code = await upstream.code()
-            trailing = await upstream.trailing_metadata()
-            if trailing:
-                context.set_trailing_metadata(tuple(trailing))
-            details = await upstream.details()
-            if code != grpc.StatusCode.OK:
-                context.set_code(code)
-                if details:
-                    context.set_details(details)
-            dp.finish(call, target, 200, "", grpc_status=code.value[0])
+            await self._relay_status(context, ex)
+            return response
         except grpc.aio.AioRpcError as err:
-            await self._upstream_error(context, call, target, err, timeout, remaining, has_deadline)
+            self._upstream_error(context, ex, err)
+            return None
         except asyncio.CancelledError:
-            upstream.cancel()
-            dp.finish(call, target, 499, "downstream_cancelled", grpc_status=grpc.StatusCode.CANCELLED.value[0])
+            self._cancelled(ex)
             raise
         finally:
             self.inflight -= 1
 
-    async def _upstream_error(self, context, call: Call, target: Target, err: grpc.aio.AioRpcError,
-                              timeout, remaining, has_deadline) -> None:
+    async def forward_stream(self, method: str, shape: str, request, context):
+        """unary_stream and stream_stream: relay response messages as they come."""
+        ex = self._open(method, shape, request, context)
+        if ex is None:
+            return
+        self.inflight += 1
+        try:
+            initial = await ex.upstream.initial_metadata()
+            if initial:
+                await context.send_initial_metadata(tuple(initial))
+            async for message in ex.upstream:
+                yield message
+            await self._relay_status(context, ex)
+        except grpc.aio.AioRpcError as err:
+            self._upstream_error(context, ex, err)
+        except asyncio.CancelledError:
+            self._cancelled(ex)
+            raise
+        finally:
+            self.inflight -= 1
+
+    async def _relay_status(self, context, ex: "_Exchange") -> None:
+        code = await ex.upstream.code()
+        trailing = await ex.upstream.trailing_metadata()
+        if trailing:
+            context.set_trailing_metadata(tuple(trailing))
+        if code != grpc.StatusCode.OK:
+            context.set_code(code)
+            details = await ex.upstream.details()
+            if details:
+                context.set_details(details)
+        self.dataplane.finish(ex.call, ex.target, 200, "", grpc_status=code.value[0])
+
+    def _cancelled(self, ex: "_Exchange") -> None:
+        ex.upstream.cancel()
+        self.dataplane.finish(ex.call, ex.target, 499, "downstream_cancelled",
+                              grpc_status=grpc.StatusCode.CANCELLED.value[0])
+
+    def _upstream_error(self, context, ex: "_Exchange", err: grpc.aio.AioRpcError) -> None:
         """Relay an upstream failure; name our own part in it when the mesh caused it."""
+        call, target = ex.call, ex.target
         code = err.code()
         reason = ""
         if code == grpc.StatusCode.UNAVAILABLE and not err.initial_metadata():
             reason = "upstream_unavailable"
-        elif code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None and \
-                not (has_deadline and remaining <= timeout):
+        elif code == grpc.StatusCode.DEADLINE_EXCEEDED and ex.mesh_timeout:
             reason = "upstream_timeout"
         trailing = tuple(err.trailing_metadata() or ())
         details = err.details() or ""
@@ -150,7 +200,7 @@ class GrpcListener:
         context.set_details(details)
         self.dataplane.finish(call, target, 503 if reason else 200, reason, grpc_status=code.value[0])
 
-    async def _local_reply(self, context, call: Call, target: Target | None, reply: Reply) -> None:
+    def _local_reply(self, context, call: Call, target: Target | None, reply: Reply) -> None:
         context.set_trailing_metadata(((REASON_HEADER, reply.reason_value(call)),))
         context.set_code(_CODES[reply.grpc_status])
         context.set_details(f"{reply.reason}: {reply.message}")
@@ -158,3 +208,15 @@ class GrpcListener:
 
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+class _Exchange:
+    """One proxied call in flight: what was chosen for it and the upstream call object."""
+
+    __slots__ = ("call", "target", "upstream", "mesh_timeout")
+
+    def __init__(self, call: Call, target: Target, upstream, mesh_timeout: bool):
+        self.call = call
+        self.target = target
+        self.upstream = upstream
+        self.mesh_timeout = mesh_timeout  # the route's timeout, not the caller's deadline, bounds it

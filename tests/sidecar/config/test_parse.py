@@ -118,3 +118,12 @@ def test_tracing_config_from_mesh_telemetry():
     assert lst.tracing.otlp_endpoint == "http://127.0.0.1:4317"
     assert lst.tracing.sampling == 0.25
     assert build.tracing(Telemetry(None, 1.0), "x") is None
+
+
+def test_grpc_method_kinds_ride_on_the_listener():
+    from control.model import GrpcMethod, GrpcService
+    svc = GrpcService("pkg.S", (GrpcMethod("A", False, False), GrpcMethod("B", False, True),
+                                GrpcMethod("C", True, False), GrpcMethod("D", True, True)), "s.proto")
+    lst = parse_listener(build.listener("g", "127.0.0.1", 1, "rt", grpc=True, methods=build.grpc_methods([svc])))
+    assert lst.grpc_kinds == {"/pkg.S/A": "unary", "/pkg.S/B": "server_stream",
+                              "/pkg.S/C": "client_stream", "/pkg.S/D": "bidi_stream"}
