@@ -21,11 +21,12 @@ from google.protobuf import struct_pb2
 
 from protomesh import xdstypes
 from protomesh.admin import AdminServer
-from protomesh.telemetry import setup_tracing, shutdown_tracing
 from sidecar.accesslog import AccessLog
 from sidecar.config.model import RuntimeConfig
 from sidecar.dataplane import Dataplane
 from sidecar.listeners.manager import ListenerManager
+from sidecar.span_export import SpanExporter
+from sidecar.spans import SpanRecorder
 from sidecar.stats import Stats
 from sidecar.upstream.grpc_pool import GrpcPool
 from sidecar.upstream.http_pool import HttpPool
@@ -99,33 +100,37 @@ class Sidecar:
         self.admin = AdminServer(self.ready, self.metrics, {
             "/config_dump": self.config_dump, "/clusters": self.clusters})
         self.draining = False
-        self._tracing_set = False
+        self._tracing: tuple | None = None
+        self.span_exporter: SpanExporter | None = None
         self._reconciled = asyncio.Event()
         self._pending: asyncio.Task | None = None
 
     # ---- config updates ---------------------------------------------------------------------
     def _on_config(self, config: RuntimeConfig) -> None:
-        if not self._tracing_set:
-            self._setup_tracing(config)
+        self._apply_tracing(config)
         self.dataplane.swap(config)
         self.stats.inc("config_updates")
         prev = self._pending
         self._pending = asyncio.ensure_future(self._apply(prev, config))
 
-    def _setup_tracing(self, config: RuntimeConfig | None) -> None:
-        """--otlp (or OTEL_EXPORTER_OTLP_ENDPOINT) wins; else the tracing the control server sends
-        with the first config (mesh.yaml `telemetry`).  OpenTelemetry has one provider per
-        process, so a later change of endpoint needs a sidecar restart (logged)."""
+    def _apply_tracing(self, config: RuntimeConfig | None) -> None:
+        """--otlp (or OTEL_EXPORTER_OTLP_ENDPOINT) wins; else the tracing config the control
+        server pushes with the listeners (mesh.yaml `telemetry`), applied live when it changes."""
         endpoint = self.opts.otlp or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
         sampling = self.opts.sampling
         if endpoint is None and config is not None:
             pushed = next((l.tracing for l in config.listeners.values() if l.tracing), None)
             if pushed is not None:
                 endpoint, sampling = pushed.otlp_endpoint, pushed.sampling
-        if endpoint is None and (config is None or not config.listeners):
-            return  # decide when the first listeners (which carry the tracing config) arrive
-        setup_tracing(f"sidecar.{self.node.cluster}", endpoint, sampling)
-        self._tracing_set = True
+        if (endpoint, sampling) == self._tracing:
+            return
+        old = self.span_exporter
+        self.span_exporter = SpanExporter(endpoint, f"sidecar.{self.node.cluster}") if endpoint else None
+        self.dataplane.spans = SpanRecorder(sampling, self.span_exporter.add if self.span_exporter else None)
+        self._tracing = (endpoint, sampling)
+        if old is not None:
+            asyncio.get_running_loop().run_in_executor(None, old.shutdown)  # flushes what it holds
+        log.info("tracing: %s, sampling %g", f"OTLP to {endpoint}" if endpoint else "not exported", sampling)
 
     async def _apply(self, prev: asyncio.Task | None, config: RuntimeConfig) -> None:
         if prev is not None:
@@ -190,8 +195,7 @@ class Sidecar:
             self.dataplane.access_log.flush()
 
     async def run(self, stop: asyncio.Event) -> int:
-        if self.opts.otlp or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-            self._setup_tracing(None)
+        self._apply_tracing(None)
         host, _, port = self.opts.admin.rpartition(":")
         await self.admin.start(host, int(port))
         if self.xds.restore():
@@ -215,7 +219,8 @@ class Sidecar:
         await self.grpc_pool.close()
         await self.admin.stop()
         self.dataplane.access_log.close()
-        shutdown_tracing()
+        if self.span_exporter is not None:
+            await asyncio.to_thread(self.span_exporter.shutdown)
         return 0
 
 

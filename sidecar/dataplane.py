@@ -11,15 +11,11 @@ import random
 import time
 from dataclasses import dataclass
 
-from opentelemetry import context as otel_context
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
-
-from protomesh.telemetry import extract_context, inject_headers
 from sidecar import call as calls
 from sidecar.accesslog import AccessLog
 from sidecar.call import Call, Reply
 from sidecar.config.model import Cluster, Endpoint, Route, RuntimeConfig
+from sidecar.spans import SpanRecorder
 from sidecar.stats import Stats
 from sidecar.upstream.balance import Balancer
 
@@ -44,7 +40,7 @@ class Dataplane:
         self.access_log = access_log or AccessLog(None)
         self.balancers: dict[str, Balancer] = {}
         self.rand = rand
-        self.tracer = trace.get_tracer("protomesh.sidecar")
+        self.spans = SpanRecorder()  # replaced by one that exports once tracing is configured
 
     # ---- config ---------------------------------------------------------------------------
     def swap(self, config: RuntimeConfig) -> None:
@@ -64,12 +60,10 @@ class Dataplane:
     def begin(self, call: Call) -> None:
         """Start the server span, continuing the caller's trace."""
         call.start = time.perf_counter()
-        parent = extract_context(call.headers)
-        kind_attrs = _span_attrs(call)
         name = f"{call.grpc_service}/{call.grpc_method}" if call.protocol == "grpc" else \
             f"{call.method} {call.path.partition('?')[0]}"
-        call.span = self.tracer.start_span(f"{call.listener} {name}", context=parent,
-                                           kind=SpanKind.SERVER, attributes=kind_attrs)
+        call.span = self.spans.start_server(call.headers.get("traceparent"), f"{call.listener} {name}",
+                                            _span_attrs(call))
 
     def route(self, call: Call) -> Target | Reply:
         config = self.config
@@ -95,21 +89,18 @@ class Dataplane:
         return Target(route, cluster, endpoint, route.rewrite(call.path), route.timeout_s)
 
     def upstream_headers(self, call: Call) -> list[tuple[str, str]]:
-        """Open the client span for the upstream attempt; return the trace headers to send."""
-        server = call.span
-        client = self.tracer.start_span(
-            f"{call.listener} -> {call.cluster}", context=trace.set_span_in_context(server),
-            kind=SpanKind.CLIENT,
-            attributes={"server.address": call.upstream.rsplit(":", 1)[0],
-                        "server.port": int(call.upstream.rsplit(":", 1)[1]),
-                        "protomesh.cluster": call.cluster})
+        """Open the client span for the upstream attempt; return the trace headers to send
+        (our traceparent; the caller's tracestate and baggage unchanged)."""
+        host, _, port = call.upstream.rpartition(":")
+        client = self.spans.start_client(call.span, f"{call.listener} -> {call.cluster}", {
+            "server.address": host, "server.port": int(port), "protomesh.cluster": call.cluster})
         call.extra["client_span"] = client
-        ctx = trace.set_span_in_context(client)
-        token = otel_context.attach(ctx)
-        try:
-            return inject_headers()
-        finally:
-            otel_context.detach(token)
+        out = [("traceparent", client.traceparent())]
+        for key in ("tracestate", "baggage"):
+            value = call.headers.get(key)
+            if value:
+                out.append((key, value))
+        return out
 
     def finish(self, call: Call, target: Target | None, status: int, reason: str = "",
                grpc_status: int | None = None, bytes_in: int = 0, bytes_out: int = 0) -> None:
@@ -119,22 +110,24 @@ class Dataplane:
             b = self.balancers.get(target.cluster.name)
             if b is not None:
                 b.release(target.endpoint)
-        failed = status >= 500 if grpc_status is None else grpc_status not in (0,)
-        for key in ("client_span", None):
-            span = call.extra.pop(key, None) if key else call.span
+        failed = status >= 500 if grpc_status is None else grpc_status != 0
+        for span in (call.extra.pop("client_span", None), call.span):
             if span is None:
                 continue
-            if call.protocol == "grpc":
-                span.set_attribute("rpc.grpc.status_code", grpc_status if grpc_status is not None else 2)
-            else:
-                span.set_attribute("http.response.status_code", status)
-            if call.route_name:
-                span.set_attribute("protomesh.route", call.route_name)
-            if reason:
-                span.set_attribute("protomesh.reason", reason)
-            if failed:
-                span.set_status(Status(StatusCode.ERROR, reason or None))
-            span.end()
+            if span.sampled:
+                attrs = span.attributes
+                if call.protocol == "grpc":
+                    attrs["rpc.grpc.status_code"] = grpc_status if grpc_status is not None else 2
+                else:
+                    attrs["http.response.status_code"] = status
+                if call.route_name:
+                    attrs["protomesh.route"] = call.route_name
+                if reason:
+                    attrs["protomesh.reason"] = reason
+                if failed:
+                    span.error = True
+                    span.message = reason
+            self.spans.end(span)
         code = str(grpc_status) if call.protocol == "grpc" else str(status)
         labels = (("listener", call.listener), ("route", call.route_name or "-"),
                   ("cluster", call.cluster or "-"), ("code", code))
@@ -143,11 +136,7 @@ class Dataplane:
                                                    ("cluster", call.cluster or "-")), elapsed_ms)
         if reason:
             self.stats.inc("local_replies", (("listener", call.listener), ("reason", reason)))
-        trace_id = ""
-        if call.span is not None:
-            ctx = call.span.get_span_context()
-            if ctx.is_valid:
-                trace_id = format(ctx.trace_id, "032x")
+        trace_id = call.span.trace_id_hex if call.span is not None else ""
         self.access_log.write({
             "listener": call.listener, "protocol": call.protocol, "method": call.method,
             "authority": call.authority, "path": call.path, "peer": call.peer,
@@ -170,7 +159,3 @@ def _span_attrs(call: Call) -> dict:
         attrs.update({"http.request.method": call.method, "url.path": call.path.partition("?")[0],
                       "server.address": call.authority})
     return attrs
-
-
-def local_reply_reason(reply: Reply, call: Call) -> str:
-    return reply.reason_value(call)
