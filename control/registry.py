@@ -99,8 +99,13 @@ class Registry:
         return min(self._gone_at.values(), default=None)
 
     def endpoints(self, service: str) -> list[Registration]:
-        return sorted((r for r in self._regs.values() if r.service == service and r.advertise),
-                      key=lambda r: r.node_id)
+        """One registration per advertised address: the workers of one sidecar (`--workers`)
+        share their listeners, so they are one endpoint."""
+        seen: dict[tuple[str, int], Registration] = {}
+        for r in sorted(self._regs.values(), key=lambda r: r.node_id):
+            if r.service == service and r.advertise and r.advertise not in seen:
+                seen[r.advertise] = r
+        return list(seen.values())
 
     def all(self) -> list[Registration]:
         return sorted(self._regs.values(), key=lambda r: r.node_id)

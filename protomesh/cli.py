@@ -61,16 +61,28 @@ def cmd_sidecar(args) -> int:
         outbound_http=args.outbound_http, outbound_grpc=args.outbound_grpc, admin=args.admin,
         labels=_labels(args.label), node_id=args.node_id or "", otlp=args.otlp, sampling=args.sampling,
         state_dir=args.state_dir, access_log=None if args.access_log == "off" else args.access_log,
-        drain_delay_s=args.drain_delay, drain_timeout_s=args.drain_timeout)
+        drain_delay_s=args.drain_delay, drain_timeout_s=args.drain_timeout,
+        workers=args.workers, worker_index=args.worker_index)
     if not args.gateway and not opts.app:
         print("protomesh sidecar: --app HOST:PORT (the local app) is required", file=sys.stderr)
         return 2
+    if not 1 <= args.workers <= 64 or not 0 <= args.worker_index < args.workers:
+        print("protomesh sidecar: --workers must be 1..64 (and --worker-index below it)", file=sys.stderr)
+        return 2
+    children = []
+    if args.workers > 1 and args.worker_index == 0:
+        from sidecar.workers import start_workers
+        children = start_workers(args.raw_argv, args.workers)
 
     async def main():
         stop = asyncio.Event()
         install_signal_handlers(stop)
         return await Sidecar(opts).run(stop)
-    return _loop_run(main)
+    code = _loop_run(main)
+    if children:
+        from sidecar.workers import stop_workers
+        code = max(code, stop_workers(children, opts.drain_timeout_s + 5))
+    return code
 
 
 def cmd_status(args) -> int:
@@ -133,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--access-log", default="-", help="'-' stdout, a file path, or 'off'")
     s.add_argument("--drain-delay", type=float, default=0.0, help="seconds unready before closing listeners")
     s.add_argument("--drain-timeout", type=float, default=10.0, help="seconds in-flight calls get to finish")
+    s.add_argument("--workers", type=int, default=1,
+                   help="processes sharing the listeners via SO_REUSEPORT, each with its own xDS stream")
+    s.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_sidecar)
 
     st = sub.add_parser("status", help="every node's ACKed/NACKed config, from the control server's CSDS")
@@ -156,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    args.raw_argv = list(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if getattr(args, "passthrough", False):

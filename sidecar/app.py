@@ -56,6 +56,8 @@ class SidecarOptions:
     access_log: str | None = "-"
     drain_delay_s: float = 0.0
     drain_timeout_s: float = 10.0
+    workers: int = 1  # processes sharing the listeners through SO_REUSEPORT
+    worker_index: int = 0
 
 
 def build_node(opts: SidecarOptions) -> base_pb2.Node:
@@ -65,10 +67,14 @@ def build_node(opts: SidecarOptions) -> base_pb2.Node:
     # The default id is stable across restarts (it names the persisted config) and unique per
     # host: two sidecars of one service on one machine differ by their inbound port.
     default_id = f"{name}~{socket.gethostname()}" + ("" if opts.gateway else f"~{opts.inbound.rpartition(':')[2]}")
-    node = base_pb2.Node(id=opts.node_id or default_id, cluster=name,
+    node_id = opts.node_id or default_id
+    if opts.workers > 1:
+        node_id += f"~w{opts.worker_index}"
+    node = base_pb2.Node(id=node_id, cluster=name,
                          user_agent_name="protomesh")
     meta = struct_pb2.Struct()
-    meta.update({xdstypes.META_ROLE: role, xdstypes.META_FLAVOUR: "protomesh"})
+    meta.update({xdstypes.META_ROLE: role, xdstypes.META_FLAVOUR: "protomesh",
+                 "protomesh.worker": opts.worker_index})
     if not opts.gateway:
         inbound_host, _, inbound_port = opts.inbound.rpartition(":")
         advertise = opts.advertise or (
@@ -89,11 +95,14 @@ class Sidecar:
         self.opts = opts
         self.node = build_node(opts)
         self.stats = Stats()
-        self.dataplane = Dataplane(self.node.id, self.stats, AccessLog(opts.access_log))
+        log_path = opts.access_log
+        if log_path not in (None, "-") and opts.workers > 1:
+            log_path = f"{log_path}.w{opts.worker_index}"
+        self.dataplane = Dataplane(self.node.id, self.stats, AccessLog(log_path))
         self.http_pool = HttpPool()
         self.grpc_pool = GrpcPool()
         self.listeners = ListenerManager(self.dataplane, self.http_pool, self.grpc_pool,
-                                         drain_timeout_s=opts.drain_timeout_s)
+                                         drain_timeout_s=opts.drain_timeout_s, reuse_port=opts.workers > 1)
         safe_id = re.sub(r"[^A-Za-z0-9._-]", "_", self.node.id)
         state = Path(opts.state_dir) / f"{safe_id}.xds" if opts.state_dir else None
         self.xds = XdsClient(self.node, opts.control, self._on_config, LastGood(state) if state else None)
@@ -197,7 +206,8 @@ class Sidecar:
     async def run(self, stop: asyncio.Event) -> int:
         self._apply_tracing(None)
         host, _, port = self.opts.admin.rpartition(":")
-        await self.admin.start(host, int(port))
+        port = int(port) + self.opts.worker_index if int(port) else 0  # worker k: admin port + k
+        await self.admin.start(host, port)
         if self.xds.restore():
             log.info("serving the persisted config while the control server is reached")
         xds_task = asyncio.ensure_future(self.xds.run())

@@ -92,3 +92,30 @@ def test_route_to_unknown_service_is_rejected_at_load(tmp_path):
     assert out.returncode == 2
     assert "gateway.routes[0].to: unknown service 'nosuch'" in out.stderr
     assert "fix: use one of: products" in out.stderr
+
+
+def test_gateway_with_two_workers_shares_its_listeners(fresh_mesh):
+    topo = fresh_mesh
+    topo.start_control()
+    topo.start_instance("products", "products-1")
+    topo.gateway = topo.launcher.start("gateway", [
+        "sidecar", "--gateway", "--control", topo.control_addr, "--admin", f"127.0.0.1:{topo.gateway_admin}",
+        "--node-id", "gateway", "--workers", "2", "--access-log", "off"])
+    topo.wait_ready()
+    for k in range(2):
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{topo.gateway_admin + k}/ready"), 20,
+                   f"gateway worker {k} to be ready", proc=topo.gateway)
+    nodes = {n["node"] for n in admin_json(topo.control_admin, "/nodes")}
+    assert {"gateway~w0", "gateway~w1"} <= nodes
+
+    def served_by_both():
+        for _ in range(20):  # a new connection each time: the kernel spreads them over both
+            assert http_get(topo.gateway_http, "/v1/products/p1")[0] == 200
+        counts = []
+        for k in range(2):
+            metrics = http_get(topo.gateway_admin + k, "/metrics")[2].decode()
+            counts.append(sum(int(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                              if line.startswith("protomesh_requests_total{")))
+        return all(counts)
+    wait_until(served_by_both, 30, "both workers to serve requests")
+    assert topo.launcher.stop(topo.gateway) == 0  # SIGTERM drains worker 0, then its children
