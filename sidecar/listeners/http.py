@@ -12,9 +12,9 @@ buffered whole; each side's `pause_writing` pauses reading on the other side.
 from __future__ import annotations
 
 import asyncio
+import random
 import json
 import logging
-import uuid
 from collections import deque
 from http import HTTPStatus
 
@@ -53,6 +53,14 @@ _M_RAW = 1
 _M_CHUNK = 2
 
 _status_lines: dict[int, bytes] = {}
+
+
+def _request_id() -> str:
+    """A random UUIDv4-shaped id.  uuid.uuid4() reads os.urandom (a syscall per request); ids for
+    correlating logs need uniqueness, not cryptographic strength."""
+    n = (random.getrandbits(128) & ~(0xF000 << 64) & ~(0xC000 << 48)) | (0x4000 << 64) | (0x8000 << 48)
+    h = f"{n:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _status_line(status: int, reason: bytes = b"") -> bytes:
@@ -190,7 +198,7 @@ class _Exchange:
         append(conn.peer_ip_b if not xff else (xff + ", " + conn.peer_ip).encode("latin-1"))
         append(b"\r\nx-forwarded-proto: http\r\n")
         if "x-request-id" not in headers:
-            rid = str(uuid.uuid4())
+            rid = _request_id()
             headers["x-request-id"] = rid
             append(b"x-request-id: %s\r\n" % rid.encode())
         for name, value in trace_pairs:
