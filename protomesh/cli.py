@@ -90,6 +90,11 @@ def cmd_status(args) -> int:
     return main(args.control, args.json)
 
 
+def cmd_describe(args) -> int:
+    from protomesh.describe import main
+    return main(args.mesh, args.target, args.json)
+
+
 def cmd_service(args, rest) -> int:
     from demo.services import SERVICES
     return SERVICES[args.name](rest)
@@ -108,6 +113,12 @@ def cmd_demo(args, rest) -> int:
 def cmd_codegen(args, rest) -> int:
     from protomesh.codegen import main
     return main(rest)
+
+
+def cmd_run(args, rest) -> int:
+    from protomesh.run import main
+    raw = args.raw_argv
+    return main(raw[raw.index("run") + 1:], args.log_level)  # keeps `--` and the app's own flags intact
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,9 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
 
+    d = sub.add_parser("describe", help="each rpc's effective policy and where each value came from")
+    d.add_argument("target", help="SERVICE or SERVICE/Rpc (service as named in mesh.yaml)")
+    d.add_argument("--mesh", required=True, help="path to mesh.yaml")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_describe)
+
     sv = sub.add_parser("service", help="run a demo service (users, orders, products)", add_help=False)
     sv.add_argument("name", choices=("users", "orders", "products"))
     sv.set_defaults(func=cmd_service, passthrough=True)
+
+    r = sub.add_parser("run", add_help=False,
+                       help="run the sidecar and then the app: [--ready-timeout S] [--stop-timeout S] "
+                            "<sidecar flags> -- <app command…>")
+    r.set_defaults(func=cmd_run, passthrough=True)
 
     for name, func, text in (("collector", cmd_collector, "run a local OTLP trace collector"),
                              ("demo", cmd_demo, "run the demo mesh with traffic and a summary"),

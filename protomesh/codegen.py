@@ -99,7 +99,13 @@ def _compile(proto_root: Path, scratch: Path) -> tuple[dict[Path, bytes], list[P
         for p in sorted(scratch.rglob("*.py"))
         if p.name.endswith(_GENERATED_SUFFIXES)
     }
-    return generated, _package_inits(list(generated))
+    # Our own option/extension protos ship inside the meshapi package too, so a user's .proto
+    # can `import "meshapi/v1/options.proto"` wherever protomesh is installed.
+    pyfiles = list(generated)
+    for rel in protos:
+        if rel.parts[0] == "meshapi":
+            generated[rel] = (proto_root / rel).read_bytes()
+    return generated, _package_inits(pyfiles)
 
 
 def generate(out_dir: Path = REPO_ROOT, proto_root: Path = DEFAULT_PROTO_ROOT) -> list[Path]:

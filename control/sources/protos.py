@@ -21,13 +21,31 @@ _PROTOC_ERROR = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+):(?P<col>\d+): (?P<ms
 
 @lru_cache(maxsize=1)
 def standard_includes() -> tuple[str, ...]:
-    """protoc's bundled well-known types and googleapis' google/api/*.proto."""
+    """protoc's bundled well-known types, googleapis' google/api/*.proto, and our own
+    meshapi/v1/*.proto (shipped inside the meshapi package)."""
     import grpc_tools
     import google.api.annotations_pb2 as ann
-    return (str(Path(grpc_tools.__file__).parent / "_proto"), str(Path(ann.__file__).parents[2]))
+    import meshapi
+    return (str(Path(grpc_tools.__file__).parent / "_proto"), str(Path(ann.__file__).parents[2]),
+            str(Path(meshapi.__file__).parents[1]))
 
 
 def compile_protos(files: list[str], include_paths, mesh_file: str) -> dict[str, list[GrpcService]]:
+    fds = descriptor_pb2.FileDescriptorSet.FromString(compile_descriptor_set(files, include_paths, mesh_file))
+    result: dict[str, list[GrpcService]] = {f: [] for f in files}
+    for fd in fds.file:
+        if fd.name not in result:
+            continue
+        for svc in fd.service:
+            full = f"{fd.package}.{svc.name}" if fd.package else svc.name
+            methods = tuple(GrpcMethod(m.name, m.client_streaming, m.server_streaming) for m in svc.method)
+            result[fd.name].append(GrpcService(full, methods, fd.name))
+    return result
+
+
+def compile_descriptor_set(files: list[str], include_paths, mesh_file: str) -> bytes:
+    """A serialized FileDescriptorSet of `files` and everything they import, with source info
+    (so options can be traced to their line).  Raises MeshError naming file and line."""
     from grpc_tools import protoc
 
     includes = list(include_paths) + list(standard_includes())
@@ -38,7 +56,7 @@ def compile_protos(files: list[str], include_paths, mesh_file: str) -> dict[str,
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "set.pb"
         args = ["protoc", *(f"-I{p}" for p in includes), f"--descriptor_set_out={out}",
-                "--include_imports", *files]
+                "--include_imports", "--include_source_info", *files]
         err_path = Path(tmp) / "stderr"
         code = _run_protoc(protoc, args, err_path)
         if code != 0:
@@ -48,16 +66,7 @@ def compile_protos(files: list[str], include_paths, mesh_file: str) -> dict[str,
                 raise MeshError(m["file"], "", f"column {m['col']}: {m['msg']}",
                                 f"fix the .proto (used by {mesh_file})", line=int(m["line"]))
             raise MeshError(mesh_file, "services.*.proto", detail or "protoc failed")
-        fds = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
-    result: dict[str, list[GrpcService]] = {f: [] for f in files}
-    for fd in fds.file:
-        if fd.name not in result:
-            continue
-        for svc in fd.service:
-            full = f"{fd.package}.{svc.name}" if fd.package else svc.name
-            methods = tuple(GrpcMethod(m.name, m.client_streaming, m.server_streaming) for m in svc.method)
-            result[fd.name].append(GrpcService(full, methods, fd.name))
-    return result
+        return out.read_bytes()
 
 
 def _run_protoc(protoc, args: list[str], err_path: Path) -> int:

@@ -1,0 +1,121 @@
+"""Each rpc's effective policy, layered from four places, with the source of every value.
+
+Layers, later wins: protomesh's defaults (and the service's `timeout` in mesh.yaml), the
+service-level `(meshapi.v1.defaults)` option, the rpc's `(meshapi.v1.method)` option, then
+explicit overrides in mesh.yaml (`services.<name>.methods.<Rpc|*>`).  Values are flattened to
+dotted names (`retry.attempts`) so layering is per field: an rpc that sets only its timeout
+keeps the service's retry policy.  Pure: a FileDescriptorSet in, plain values out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from google.protobuf import descriptor_pb2, duration_pb2
+
+from control.errors import MeshError
+from meshapi.v1 import options_pb2
+
+DURATION_FIELDS = {"timeout", "retry.per_try_timeout", "rate_limit.per", "cache_ttl"}
+FIELDS = ("timeout", "idempotent", "retry.attempts", "retry.per_try_timeout", "retry.on",
+          "auth.required", "auth.scopes", "rate_limit.requests", "rate_limit.per", "rate_limit.burst",
+          "cache_ttl", "validate")
+DEFAULTS = {"timeout": 15.0, "idempotent": False, "retry.attempts": 1, "auth.required": False,
+            "validate": False}
+
+# FileDescriptorProto field numbers used to find an option's line in source_code_info.
+_SERVICE, _METHOD, _SERVICE_OPTIONS, _METHOD_OPTIONS = 6, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class Value:
+    value: object
+    source: str
+
+
+@dataclass(frozen=True)
+class RpcPolicy:
+    path: str  # /pkg.Service/Method
+    client_streaming: bool
+    server_streaming: bool
+    values: dict  # dotted field -> Value
+
+    def get(self, name: str, default=None):
+        v = self.values.get(name)
+        return default if v is None else v.value
+
+
+def flatten(msg, prefix: str = "") -> dict:
+    """Explicitly set fields of a MethodPolicy, as dotted names; durations as float seconds."""
+    out = {}
+    for fd, value in msg.ListFields():
+        name = prefix + fd.name
+        if fd.message_type is not None and fd.message_type.full_name == "google.protobuf.Duration":
+            out[name] = value.seconds + value.nanos / 1e9
+        elif fd.message_type is not None:
+            out.update(flatten(value, name + "."))
+        elif fd.is_repeated:
+            out[name] = tuple(value)
+        else:
+            out[name] = value
+    return out
+
+
+def _line(fd: descriptor_pb2.FileDescriptorProto, path: list[int]) -> str:
+    for loc in fd.source_code_info.location:
+        if list(loc.path) == path:
+            return f"{fd.name}:{loc.span[0] + 1}"
+    return fd.name
+
+
+def flatten_override(doc: dict, file: str, where: str, parse_duration) -> dict:
+    """mesh.yaml override mapping (nested like the proto message) → dotted values, validated."""
+    out = {}
+
+    def walk(d, prefix):
+        if not isinstance(d, dict):
+            raise MeshError(file, where + (f".{prefix[:-1]}" if prefix else ""), "expected a mapping")
+        for key, value in d.items():
+            name = prefix + str(key)
+            if isinstance(value, dict):
+                walk(value, name + ".")
+                continue
+            if name not in FIELDS:
+                raise MeshError(file, f"{where}.{name}", "unknown policy field",
+                                f"use one of: {', '.join(FIELDS)}")
+            if name in DURATION_FIELDS:
+                value = parse_duration(value, file, f"{where}.{name}")
+            elif name in ("retry.on", "auth.scopes"):
+                value = tuple(value) if isinstance(value, list) else (str(value),)
+            out[name] = value
+    walk(doc, "")
+    return out
+
+
+def rpc_policies(fds_bytes: bytes, services: list[str], mesh_defaults: dict | None = None,
+                 overrides: dict | None = None) -> dict[str, RpcPolicy]:
+    """`mesh_defaults`: dotted values from mesh.yaml's service block (source already named in
+    the Value); `overrides`: {"Rpc" or "*": {dotted: Value}} explicit mesh.yaml overrides."""
+    fds = descriptor_pb2.FileDescriptorSet.FromString(fds_bytes)
+    out: dict[str, RpcPolicy] = {}
+    wanted = set(services)
+    for fd in fds.file:
+        for si, svc in enumerate(fd.service):
+            full = f"{fd.package}.{svc.name}" if fd.package else svc.name
+            if full not in wanted:
+                continue
+            service_opts = {}
+            if svc.options.HasExtension(options_pb2.defaults):
+                src = f"proto {_line(fd, [_SERVICE, si, _SERVICE_OPTIONS])} (meshapi.v1.defaults)"
+                service_opts = {k: Value(v, src) for k, v in flatten(svc.options.Extensions[options_pb2.defaults]).items()}
+            for mi, m in enumerate(svc.method):
+                values = {k: Value(v, "default") for k, v in DEFAULTS.items()}
+                values.update(mesh_defaults or {})
+                values.update(service_opts)
+                if m.options.HasExtension(options_pb2.method):
+                    src = f"proto {_line(fd, [_SERVICE, si, _METHOD, mi, _METHOD_OPTIONS])} (meshapi.v1.method)"
+                    values.update({k: Value(v, src) for k, v in flatten(m.options.Extensions[options_pb2.method]).items()})
+                for key in ("*", m.name):
+                    values.update((overrides or {}).get(key, {}))
+                path = f"/{full}/{m.name}"
+                out[path] = RpcPolicy(path, m.client_streaming, m.server_streaming, values)
+    return out
