@@ -52,10 +52,12 @@ def test_generate_writes_modules_and_package_inits(tmp_path):
     assert rel == [
         "meshapi/__init__.py",
         "meshapi/v1/__init__.py",
+        "meshapi/v1/echo.proto",  # meshapi's own .proto sources ship inside the package
         "meshapi/v1/echo_pb2.py",
         "meshapi/v1/echo_pb2_grpc.py",
     ]
     assert (out / "meshapi/v1/__init__.py").read_text() == ""
+    assert (out / "meshapi/v1/echo.proto").read_text() == GOOD_PROTO
     assert codegen.check(out, proto_root=protos) == []
 
 
