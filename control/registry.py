@@ -43,10 +43,21 @@ def _addr(meta: dict, key: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
+def _flavour_from_agent(user_agent_name: str) -> str:
+    """Which data plane a node is when its metadata does not say: Envoy calls itself "envoy",
+    grpc's xDS client "gRPC C-core …" / "gRPC Python …"."""
+    if user_agent_name == "envoy":
+        return "envoy"
+    if user_agent_name.lower().startswith("grpc"):
+        return "grpc"
+    return "unknown"
+
+
 def registration_from_node(node) -> Registration:
     meta = json_format.MessageToDict(node.metadata) if node.HasField("metadata") else {}
-    role = meta.get(xdstypes.META_ROLE, "sidecar")
-    flavour = meta.get(xdstypes.META_FLAVOUR, "envoy" if node.user_agent_name == "envoy" else "unknown")
+    flavour = meta.get(xdstypes.META_FLAVOUR) or _flavour_from_agent(node.user_agent_name)
+    # A proxyless gRPC client is nobody's endpoint unless its metadata says otherwise.
+    role = meta.get(xdstypes.META_ROLE, "client" if flavour == "grpc" else "sidecar")
     if role == "gateway":
         return Registration(node.id, role, flavour)
     labels = meta.get(xdstypes.META_LABELS) or {}

@@ -1,8 +1,9 @@
-"""The ADS servicer (state of the world) and CSDS on grpc.aio.
+"""The ADS servicer (state of the world and Delta) and CSDS on grpc.aio.
 
-Each stream gets its own `StreamState`; a change of the mesh or of the registrations bumps the
+Each stream gets its own `StreamState` (SotW) or `DeltaState` (Delta); a change of the mesh or of the registrations bumps the
 generation and, after a short debounce (so a burst of edits or reconnects is one push), every
-stream is offered its new view.  What is sent, and when, is decided by `StreamState`.
+stream is offered its new view.  What is sent, and when, is decided by the stream's state; the
+view depends on the node's flavour (see `views.py`).
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from envoy.admin.v3 import config_dump_shared_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 
+from control.delta import DeltaState, digest
 from control.registry import Registration, RegistrationError, Registry, registration_from_node
 from control.stream import StreamState
+from control.translate.envoy import listen_overrides
 from control.views import Views
 from protomesh import xdstypes
 
@@ -36,15 +39,17 @@ class _Abort(Exception):
 class Stream:
     _ids = itertools.count(1)
 
-    def __init__(self, peer: str):
+    def __init__(self, peer: str, delta: bool = False):
         self.id = next(self._ids)
         self.peer = peer
+        self.delta = delta
         self.node = None
         self.reg: Registration | None = None
-        self.state = StreamState()
+        self.state: StreamState | DeltaState = DeltaState() if delta else StreamState()
         self.out: asyncio.Queue = asyncio.Queue()
         self.connected_at = time.time()
         self.resumed = False  # the node already had config when it connected
+        self.overrides: tuple = ()  # gateway listen addresses the node asked for
 
 
 class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
@@ -89,7 +94,12 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
             if self._warm_handle is None:
                 self._warm_handle = asyncio.get_running_loop().call_later(wait, self._push_all)
             return
-        view = self.views.for_node(stream.reg)
+        view = self.views.for_node(stream.reg, stream.overrides)
+        if stream.delta:
+            for response in stream.state.next_responses(view):
+                stream.out.put_nowait(response)
+                self.pushes += 1
+            return
         for type_url, version, resources in stream.state.next_sends(view):
             nonce = stream.state.mark_sent(type_url, version)
             stream.out.put_nowait(discovery_pb2.DiscoveryResponse(
@@ -107,7 +117,14 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
 
     # ---- ADS ------------------------------------------------------------------------------------
     async def StreamAggregatedResources(self, request_iterator, context):
-        stream = Stream(context.peer())
+        async for response in self._serve(Stream(context.peer()), request_iterator, context):
+            yield response
+
+    async def DeltaAggregatedResources(self, request_iterator, context):
+        async for response in self._serve(Stream(context.peer(), delta=True), request_iterator, context):
+            yield response
+
+    async def _serve(self, stream: Stream, request_iterator, context):
         self.streams[stream.id] = stream
         reader = asyncio.ensure_future(self._read(stream, request_iterator, context))
         reader.add_done_callback(lambda _: stream.out.put_nowait(None))
@@ -140,7 +157,8 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
                     raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
                 stream.node = req.node
                 stream.reg = reg
-                stream.resumed = bool(req.version_info)
+                stream.overrides = listen_overrides(req.node)
+                stream.resumed = bool(req.initial_resource_versions if stream.delta else req.version_info)
                 if reg.service and reg.service not in self.views.mesh.services:
                     log.warning("node %s registers service %r which mesh.yaml does not define; "
                                 "it gets config but no peer will route to it", reg.node_id, reg.service)
@@ -149,13 +167,18 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
                 log.info("stream %d: node %s (%s %s) from %s", stream.id, reg.node_id, reg.role,
                          reg.service or "-", stream.peer)
             error = req.error_detail.message if req.HasField("error_detail") else None
-            outcome = stream.state.on_request(req.type_url, list(req.resource_names), req.response_nonce,
-                                              req.version_info, error)
+            if stream.delta:
+                outcome = stream.state.on_request(req)
+                refused = req.response_nonce
+            else:
+                outcome = stream.state.on_request(req.type_url, list(req.resource_names), req.response_nonce,
+                                                  req.version_info, error)
+                refused = outcome == "nack" and stream.state.types[req.type_url].nacked_version
             if outcome == "nack":
                 self.nacks += 1
-                log.warning("NACK from %s for %s version %s: %s", stream.reg.node_id,
+                log.warning("NACK from %s for %s %s %s: %s", stream.reg.node_id,
                             xdstypes.SHORT.get(req.type_url, req.type_url),
-                            stream.state.types[req.type_url].nacked_version, error)
+                            "nonce" if stream.delta else "version", refused, error)
             self._kick(stream)
 
     # ---- CSDS -----------------------------------------------------------------------------------
@@ -172,26 +195,21 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
             if stream.reg is None:
                 continue
             cfg = csds_pb2.ClientConfig(node=stream.node)
-            view = self.views.for_node(stream.reg)
-            for type_url, t in stream.state.types.items():
-                if not t.subscribed:
-                    continue
-                names = sorted(view.get(type_url, {}) if t.names is None else t.names)
-                for name in names:
-                    g = cfg.generic_xds_configs.add(type_url=type_url, name=name, version_info=t.acked_version)
-                    if t.error and t.nacked_version == t.sent_version:
-                        g.client_status = config_dump_shared_pb2.NACKED
-                        g.config_status = csds_pb2.ERROR
-                        g.error_state.details = t.error
-                        g.error_state.version_info = t.nacked_version
-                    elif t.pending:
-                        g.client_status = config_dump_shared_pb2.REQUESTED
-                        g.config_status = csds_pb2.NOT_SENT if not t.acked_version else csds_pb2.STALE
-                    else:
-                        g.client_status = config_dump_shared_pb2.ACKED
-                        g.config_status = csds_pb2.SYNCED
-                    if not exclude_contents and name in view.get(type_url, {}):
-                        g.xds_config.CopyFrom(view[type_url][name])
+            if xdstypes.META_FLAVOUR not in cfg.node.metadata.fields:  # e.g. grpc: say what we decided
+                cfg.node.metadata.update({xdstypes.META_FLAVOUR: stream.reg.flavour,
+                                          xdstypes.META_ROLE: stream.reg.role})
+            view = self.views.for_node(stream.reg, stream.overrides)
+            for type_url, name, version, status, error, rejected in stream.state.resource_status(view):
+                g = cfg.generic_xds_configs.add(type_url=type_url, name=name, version_info=version)
+                g.client_status = config_dump_shared_pb2.ClientResourceStatus.Value(status)
+                g.config_status = {"NACKED": csds_pb2.ERROR, "ACKED": csds_pb2.SYNCED,
+                                   "DOES_NOT_EXIST": csds_pb2.SYNCED}.get(
+                    status, csds_pb2.STALE if version else csds_pb2.NOT_SENT)
+                if status == "NACKED":
+                    g.error_state.details = error
+                    g.error_state.version_info = rejected
+                if not exclude_contents and name in view.get(type_url, {}):
+                    g.xds_config.CopyFrom(view[type_url][name])
             out.append(cfg)
         return out
 
@@ -203,9 +221,19 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
             nodes.append({
                 "node": s.reg.node_id, "role": s.reg.role, "service": s.reg.service,
                 "flavour": s.reg.flavour, "peer": s.peer, "connected_at": s.connected_at,
-                "types": {xdstypes.SHORT[t]: {"acked": st.acked_version, "sent": st.sent_version,
-                                              "pending": st.pending, "nacked": st.nacked_version,
-                                              "error": st.error, "sends": st.sends}
+                "api": "delta" if s.delta else "sotw",
+                "types": {xdstypes.SHORT[t]: self._type_status(st)
                           for t, st in s.state.types.items() if st.subscribed},
             })
         return nodes
+
+    @staticmethod
+    def _type_status(st) -> dict:
+        if hasattr(st, "known"):  # Delta: versions are per resource; acked/sent digest them
+            after = {**st.known, **st.sent} if st.pending else st.known
+            after = {n: v for n, v in after.items() if not (st.pending and n in st.sent_removed)}
+            return {"acked": digest(st.known), "sent": digest(after), "pending": st.pending,
+                    "nacked": st.nacked_nonce if st.error else "", "error": st.error, "sends": st.sends,
+                    "resources": dict(st.known), "wildcard": st.wildcard}
+        return {"acked": st.acked_version, "sent": st.sent_version, "pending": st.pending,
+                "nacked": st.nacked_version, "error": st.error, "sends": st.sends}

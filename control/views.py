@@ -1,9 +1,16 @@
-"""Per-node resource views, computed once per mesh generation and shared between nodes."""
+"""Per-node resource views, computed once per mesh generation and shared between nodes.
+
+The view depends on who asks: our sidecar/gateway (`translate/protomesh.py`), a real Envoy
+(`translate/envoy.py`: no protomesh-only extensions; an Envoy gateway may move its listeners) or
+a proxyless gRPC client (`translate/proxyless.py`: API listeners named like the targets).
+"""
 from __future__ import annotations
 
 from control.model import Mesh
 from control.registry import Registration, Registry
+from control.translate import envoy as ev
 from control.translate import protomesh as pm
+from control.translate import proxyless as px
 
 
 class Views:
@@ -12,25 +19,36 @@ class Views:
         self.registry = registry
         self.generation = 0
         self._shared: tuple | None = None
-        self._per_node: dict[Registration, dict] = {}
+        self._per_node: dict[tuple, dict] = {}
+        self._proxyless_endpoints: dict | None = None
 
     def invalidate(self, mesh: Mesh | None = None) -> None:
         if mesh is not None:
             self.mesh = mesh
         self.generation += 1
         self._shared = None
+        self._proxyless_endpoints = None
         self._per_node.clear()
 
-    def for_node(self, reg: Registration) -> dict[str, dict]:
-        view = self._per_node.get(reg)
+    def for_node(self, reg: Registration, overrides: tuple = ()) -> dict[str, dict]:
+        """`overrides`: gateway listen addresses from the node's metadata (`envoy.listen_overrides`)."""
+        key = (reg, overrides)
+        view = self._per_node.get(key)
         if view is not None:
             return view
         if self._shared is None:
             self._shared = (pm.endpoints_view(self.mesh, self.registry), pm.shared_clusters(self.mesh))
         endpoints, clusters = self._shared
-        if reg.role == "gateway":
+        if reg.flavour == "grpc":
+            if self._proxyless_endpoints is None:
+                self._proxyless_endpoints = px.endpoints(endpoints)
+            view = px.client_view(self.mesh, self._proxyless_endpoints)
+        elif reg.flavour == "envoy":
+            view = (ev.gateway_view(self.mesh, endpoints, clusters, overrides) if reg.role == "gateway"
+                    else ev.sidecar_view(self.mesh, reg, endpoints, clusters))
+        elif reg.role == "gateway":
             view = pm.gateway_view(self.mesh, endpoints, clusters)
         else:
             view = pm.sidecar_view(self.mesh, reg, endpoints, clusters)
-        self._per_node[reg] = view
+        self._per_node[key] = view
         return view

@@ -110,7 +110,10 @@ async def run_demo(args) -> int:
     code = 0
     try:
         print(f"starting the mesh (logs in {out / 'logs'}) ...", flush=True)
-        await asyncio.to_thread(topo.start_all, args.users_replicas)
+        if args.envoy:
+            await asyncio.to_thread(topo.start_all_with_envoy, args.users_replicas, args.envoy)
+        else:
+            await asyncio.to_thread(topo.start_all, args.users_replicas)
         print(f"mesh ready: gateway http://127.0.0.1:{topo.gateway_http} (HTTP) and 127.0.0.1:{topo.gateway_grpc} (gRPC); "
               f"control xDS 127.0.0.1:{topo.xds_port}", flush=True)
         driver = Driver(f"http://127.0.0.1:{topo.gateway_http}", f"127.0.0.1:{topo.gateway_grpc}", results)
@@ -155,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--otlp", help="send traces to this OTLP/gRPC endpoint (e.g. Jaeger's http://localhost:4317)")
     p.add_argument("--out", default="demo-output", help="directory for logs, mesh.yaml, traces")
     p.add_argument("--serve", action="store_true", help="keep the mesh running after the traffic")
+    p.add_argument("--envoy", choices=("users", "orders", "products"),
+                   help="run this service behind a real Envoy sidecar (from .venv-envoy) instead of ours")
     args = p.parse_args(argv)
     if not 1 <= args.rounds <= 100000:
         p.error("--rounds must be in 1..100000")

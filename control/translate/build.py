@@ -192,3 +192,96 @@ def gateway_route(r: GatewayRoute, default_timeout: float | None) -> route_compo
     return route(r.name, grpc=r.grpc, headers=r.headers, query=r.query, split=r.split,
                  timeout_s=r.timeout_s if r.timeout_s is not None else default_timeout,
                  rewrite_prefix=r.rewrite_prefix, **kw)
+
+
+def with_locality(packed_assignment: any_pb2.Any, region: str, zone: str = "") -> any_pb2.Any:
+    """A copy of a packed ClusterLoadAssignment whose localities are named.  grpc's xDS client
+    refuses a locality without the `locality` field; our sidecar does not honour it."""
+    cla = endpoint_pb2.ClusterLoadAssignment()
+    packed_assignment.Unpack(cla)
+    for group in cla.endpoints:
+        group.locality.region = region
+        group.locality.zone = zone
+    return pack(cla)
+
+
+# ---- traffic management (issue 4): Envoy's own fields, so Envoy and our sidecar do the same ----
+_IDEMPOTENT_METHODS = "GET|HEAD|OPTIONS|PUT|DELETE|TRACE"
+
+
+def retry_policy(r, http: bool) -> route_components_pb2.RetryPolicy:
+    """A control.model.Retries as Envoy's RetryPolicy.  Unless `non_idempotent`, an HTTP service's
+    retries are limited to idempotent methods through retriable_request_headers on `:method`."""
+    from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+    rp = route_components_pb2.RetryPolicy(
+        retry_on=",".join(r.on), num_retries=wrappers_pb2.UInt32Value(value=r.attempts),
+        retriable_status_codes=list(r.status_codes), host_selection_retry_max_attempts=3,
+        retry_back_off=route_components_pb2.RetryPolicy.RetryBackOff(
+            base_interval=duration(r.backoff_base_s), max_interval=duration(r.backoff_max_s)))
+    rp.retry_host_predicate.add(name="envoy.retry_host_predicates.previous_hosts",
+                                typed_config=pack(previous_hosts_pb2.PreviousHostsPredicate()))
+    if r.per_try_timeout_s:
+        rp.per_try_timeout.CopyFrom(duration(r.per_try_timeout_s))
+    if http and not r.non_idempotent:
+        rp.retriable_request_headers.add(
+            name=":method", string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=_IDEMPOTENT_METHODS)))
+    return rp
+
+
+def hash_policies(hashes) -> list:
+    out = []
+    for kind, name in hashes:
+        hp = route_components_pb2.RouteAction.HashPolicy()
+        if kind == "header":
+            hp.header.header_name = name
+        elif kind == "cookie":
+            hp.cookie.name = name
+        elif kind == "source_ip":
+            hp.connection_properties.source_ip = True
+        else:
+            hp.query_parameter.name = name
+        out.append(hp)
+    return out
+
+
+def apply_traffic_route(r: route_components_pb2.Route, traffic, http: bool) -> route_components_pb2.Route:
+    """Add a service's retry and hash policies to a route that targets it (in place)."""
+    if traffic.retries is not None:
+        r.route.retry_policy.CopyFrom(retry_policy(traffic.retries, http))
+    r.route.hash_policy.extend(hash_policies(traffic.hash))
+    return r
+
+
+def apply_traffic_cluster(c: cluster_pb2.Cluster, traffic) -> cluster_pb2.Cluster:
+    """Add a service's outlier detection, circuit breakers and balancer settings (in place)."""
+    from envoy.config.cluster.v3 import circuit_breaker_pb2, outlier_detection_pb2
+    if traffic.outlier:
+        od = outlier_detection_pb2.OutlierDetection()
+        for k, v in traffic.outlier:
+            if k in ("interval", "base_ejection_time", "max_ejection_time"):
+                getattr(od, k).CopyFrom(duration(v))
+            elif k == "success_rate_stdev_factor":
+                od.success_rate_stdev_factor.value = int(round(v * 1000))
+            else:
+                getattr(od, k).value = int(v)
+        c.outlier_detection.CopyFrom(od)
+    if traffic.circuit_breakers:
+        t = circuit_breaker_pb2.CircuitBreakers.Thresholds()
+        for k, v in traffic.circuit_breakers:
+            if k == "budget_percent":
+                t.retry_budget.budget_percent.value = float(v)
+            elif k == "min_retry_concurrency":
+                t.retry_budget.min_retry_concurrency.value = int(v)
+            else:
+                getattr(t, k).value = int(v)
+        c.circuit_breakers.thresholds.append(t)
+    if traffic.panic_threshold is not None:
+        c.common_lb_config.healthy_panic_threshold.value = float(traffic.panic_threshold)
+    for k, v in traffic.ring_hash:
+        if k == "hash_function":
+            c.ring_hash_lb_config.hash_function = cluster_pb2.Cluster.RingHashLbConfig.HashFunction.Value(str(v).upper())
+        else:
+            getattr(c.ring_hash_lb_config, k).value = int(v)
+    if traffic.maglev_table_size is not None:
+        c.maglev_lb_config.table_size.value = int(traffic.maglev_table_size)
+    return c
