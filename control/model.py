@@ -16,9 +16,10 @@ import yaml
 from control.errors import MeshError
 
 PROTOCOLS = ("grpc", "http")
-# ring_hash and maglev are Envoy's and are sent as Envoy defines them; a protomesh sidecar that
-# cannot balance that way yet NACKs the cluster and keeps its last good config.
 LB_POLICIES = ("round_robin", "least_request", "random", "ring_hash", "maglev")
+RETRY_ON = ("5xx", "gateway-error", "reset", "connect-failure", "retriable-status-codes", "refused-stream",
+            "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable")
+HASH_FUNCTIONS = ("xx_hash", "murmur_hash_2")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)$")
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 
@@ -38,6 +39,32 @@ class GrpcService:
 
 
 @dataclass(frozen=True)
+class Retries:
+    """services.<name>.retries → Envoy RouteAction.retry_policy on every route to the service."""
+
+    on: tuple[str, ...] = ("connect-failure", "reset", "5xx")
+    attempts: int = 2  # retries after the first try (Envoy num_retries)
+    per_try_timeout_s: float | None = None
+    backoff_base_s: float = 0.025
+    backoff_max_s: float = 0.25
+    status_codes: tuple[int, ...] = ()
+    non_idempotent: bool = False  # also retry POST/PATCH (HTTP services)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Per-service resilience settings; each value is an Envoy field name → value."""
+
+    retries: Retries | None = None
+    outlier: tuple[tuple[str, float], ...] = ()  # OutlierDetection fields (durations in seconds)
+    circuit_breakers: tuple[tuple[str, float], ...] = ()  # Thresholds fields (+ budget_percent, min_retry_concurrency)
+    hash: tuple[tuple[str, str], ...] = ()  # (header|cookie|source_ip|query, name)
+    panic_threshold: float | None = None
+    ring_hash: tuple[tuple[str, object], ...] = ()  # minimum_ring_size, maximum_ring_size, hash_function
+    maglev_table_size: int | None = None
+
+
+@dataclass(frozen=True)
 class Service:
     name: str
     protocol: str
@@ -47,6 +74,7 @@ class Service:
     endpoints: tuple[tuple[str, int], ...] = ()
     protos: tuple[str, ...] = ()
     grpc_services: tuple[GrpcService, ...] = ()
+    traffic: Traffic = Traffic()
 
 
 @dataclass(frozen=True)
@@ -168,7 +196,8 @@ def parse_mesh(doc: dict, file: str, base: Path, compile_protos=None) -> Mesh:
 
 def _parse_service(name: str, d: dict, file: str, base: Path, proto_paths, compile_protos) -> Service:
     where = f"services.{name}"
-    _known(d, {"protocol", "lb", "timeout", "connect_timeout", "endpoints", "proto"}, file, where)
+    _known(d, {"protocol", "lb", "timeout", "connect_timeout", "endpoints", "proto", "retries", "outlier_detection",
+               "circuit_breakers", "hash", "panic_threshold", "ring_hash", "maglev"}, file, where)
     if not _NAME.match(name):
         raise MeshError(file, where, f"service name {name!r} is not a DNS label",
                         "use lower case letters, digits and '-'")
@@ -201,7 +230,87 @@ def _parse_service(name: str, d: dict, file: str, base: Path, proto_paths, compi
     elif protocol == "grpc":
         raise MeshError(file, f"{where}.proto", "a grpc service needs its .proto",
                         "add proto: path/to/service.proto (relative to proto_paths)")
-    return Service(name, protocol, lb, timeout or None, connect, endpoints, tuple(protos), grpc_services)
+    traffic = _parse_traffic(d, lb, file, where)
+    return Service(name, protocol, lb, timeout or None, connect, endpoints, tuple(protos), grpc_services, traffic)
+
+
+_OUTLIER_COUNTS = ("consecutive_5xx", "consecutive_gateway_failure", "max_ejection_percent",
+                   "enforcing_consecutive_5xx", "enforcing_consecutive_gateway_failure",
+                   "success_rate_minimum_hosts", "success_rate_request_volume", "success_rate_stdev_factor",
+                   "enforcing_success_rate", "failure_percentage_threshold", "failure_percentage_minimum_hosts",
+                   "failure_percentage_request_volume", "enforcing_failure_percentage")
+_OUTLIER_DURATIONS = ("interval", "base_ejection_time", "max_ejection_time")
+_BREAKER_COUNTS = ("max_connections", "max_pending_requests", "max_requests", "max_retries",
+                   "budget_percent", "min_retry_concurrency")
+
+
+def _count(v, file: str, where: str, top: float | None = None) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (top is not None and v > top):
+        raise MeshError(file, where, f"{v!r} is not a number in range", f"write a number >= 0{'' if top is None else f' and <= {top:g}'}")
+    return v
+
+
+def _parse_traffic(d: dict, lb: str, file: str, where: str) -> Traffic:
+    retries = None
+    if d.get("retries") is not None:
+        r = _mapping(d["retries"], file, f"{where}.retries")
+        rw = f"{where}.retries"
+        _known(r, {"retry_on", "attempts", "per_try_timeout", "backoff", "status_codes", "non_idempotent"}, file, rw)
+        on = r.get("retry_on", list(Retries.on))
+        on = [on] if isinstance(on, str) else on
+        if not isinstance(on, list) or not on or any(c not in RETRY_ON for c in on):
+            raise MeshError(file, f"{rw}.retry_on", f"{on!r} is not a list of retry conditions", f"use some of: {', '.join(RETRY_ON)}")
+        backoff = _mapping(r.get("backoff"), file, f"{rw}.backoff")
+        _known(backoff, {"base", "max"}, file, f"{rw}.backoff")
+        base = parse_duration(backoff.get("base", "25ms"), file, f"{rw}.backoff.base")
+        cap = parse_duration(backoff["max"], file, f"{rw}.backoff.max") if "max" in backoff else 10 * base
+        if base <= 0 or cap < base:
+            raise MeshError(file, f"{rw}.backoff", "needs 0 < base <= max", "e.g. backoff: { base: 25ms, max: 250ms }")
+        codes = r.get("status_codes") or []
+        if not isinstance(codes, list) or any(not isinstance(c, int) or not 100 <= c <= 599 for c in codes):
+            raise MeshError(file, f"{rw}.status_codes", "must be a list of HTTP status codes")
+        if codes and "retriable-status-codes" not in on:
+            on = list(on) + ["retriable-status-codes"]
+        per_try = parse_duration(r["per_try_timeout"], file, f"{rw}.per_try_timeout") if "per_try_timeout" in r else None
+        retries = Retries(tuple(on), int(_count(r.get("attempts", 2), file, f"{rw}.attempts", 10)), per_try or None,
+                          base, cap, tuple(codes), bool(r.get("non_idempotent", False)))
+    outlier = []
+    od = _mapping(d.get("outlier_detection"), file, f"{where}.outlier_detection")
+    _known(od, set(_OUTLIER_COUNTS + _OUTLIER_DURATIONS), file, f"{where}.outlier_detection")
+    for k, v in od.items():
+        w = f"{where}.outlier_detection.{k}"
+        outlier.append((k, parse_duration(v, file, w) if k in _OUTLIER_DURATIONS
+                        else _count(v, file, w, 100 if ("percent" in k or k.startswith("enforcing")) else None)))
+    cb = _mapping(d.get("circuit_breakers"), file, f"{where}.circuit_breakers")
+    _known(cb, set(_BREAKER_COUNTS), file, f"{where}.circuit_breakers")
+    breakers = tuple((k, _count(v, file, f"{where}.circuit_breakers.{k}", 100 if k == "budget_percent" else None))
+                     for k, v in cb.items())
+    hashes = []
+    hl = d.get("hash") or []
+    if not isinstance(hl, list):
+        raise MeshError(file, f"{where}.hash", "must be a list", "e.g. hash: [ { header: x-user } ]")
+    for i, h in enumerate(hl):
+        h = _mapping(h, file, f"{where}.hash[{i}]")
+        _known(h, {"header", "cookie", "source_ip", "query"}, file, f"{where}.hash[{i}]")
+        if len(h) != 1:
+            raise MeshError(file, f"{where}.hash[{i}]", "needs exactly one of header, cookie, source_ip, query")
+        k, v = next(iter(h.items()))
+        hashes.append((k, "" if k == "source_ip" else str(v)))
+    if hashes and lb not in ("ring_hash", "maglev"):
+        raise MeshError(file, f"{where}.hash", f"only consistent-hash balancers use it (lb is {lb})",
+                        "set lb: ring_hash or lb: maglev")
+    panic = d.get("panic_threshold")
+    if panic is not None:
+        panic = _count(panic, file, f"{where}.panic_threshold", 100)
+    ring = _mapping(d.get("ring_hash"), file, f"{where}.ring_hash")
+    _known(ring, {"minimum_ring_size", "maximum_ring_size", "hash_function"}, file, f"{where}.ring_hash")
+    if ring.get("hash_function", "xx_hash") not in HASH_FUNCTIONS:
+        raise MeshError(file, f"{where}.ring_hash.hash_function", f"{ring['hash_function']!r} is unknown",
+                        f"use one of {', '.join(HASH_FUNCTIONS)}")
+    maglev = _mapping(d.get("maglev"), file, f"{where}.maglev")
+    _known(maglev, {"table_size"}, file, f"{where}.maglev")
+    return Traffic(retries, tuple(outlier), breakers, tuple(hashes), panic, tuple(ring.items()),
+                   maglev.get("table_size"))
 
 
 def _check_grpc_services_unique(services: dict[str, Service], file: str) -> None:

@@ -171,9 +171,14 @@ class Sidecar:
     def metrics(self) -> str:
         self.stats.set("xds_connected", (), 1.0 if self.xds.connected_to else 0.0)
         self.stats.set("ready", (), 1.0 if self.ready()[0] else 0.0)
-        for name, b in self.dataplane.balancers.items():
-            for addr, n in b.active.items():
+        self.dataplane.sweep_all()
+        for name, st in self.dataplane.clusters.items():
+            for addr, n in st.balancer.active.items():
                 self.stats.set("upstream_active_requests", (("cluster", name), ("endpoint", addr)), n)
+            self.stats.set("upstream_ejected", (("cluster", name),), len(st.outlier.ejected) if st.outlier else 0)
+            self.stats.set("upstream_rq_active", (("cluster", name),), st.breaker.requests)
+            self.stats.set("upstream_rq_pending", (("cluster", name),), st.breaker.pending)
+            self.stats.set("upstream_rq_retries_active", (("cluster", name),), st.breaker.retries)
         return self.stats.render()
 
     def config_dump(self) -> dict:
@@ -182,12 +187,25 @@ class Sidecar:
 
     def clusters(self) -> dict:
         config = self.dataplane.config
+        self.dataplane.sweep_all()
+        now = self.dataplane.clock()
         out = {}
         for name, cluster in config.clusters.items():
-            b = self.dataplane.balancers.get(name)
+            st = self.dataplane.clusters.get(name)
+            b = st.balancer if st else None
+
+            def health(ep):
+                if st is not None and st.outlier is not None and ep.address in st.outlier.ejected:
+                    return "ejected"
+                return "unhealthy" if st is not None and ep.address in st.hc_unhealthy else "healthy"
             out[name] = {
                 "lb_policy": cluster.lb_policy, "protocol": "grpc" if cluster.http2 else "http",
-                "endpoints": [{"address": ep.address, "weight": ep.weight, "health": "healthy",
+                "circuit_breakers": {"requests": st.breaker.requests, "pending": st.breaker.pending,
+                                     "retries": st.breaker.retries, "overflows": dict(st.breaker.overflows),
+                                     "max_requests": cluster.breaker.max_requests} if st else {},
+                "endpoints": [{"address": ep.address, "weight": ep.weight, "priority": ep.priority,
+                               "health": health(ep),
+                               "outlier": st.outlier.state(ep.address, now) if st and st.outlier else None,
                                "active_requests": b.active.get(ep.address, 0) if b else 0,
                                "served": b.served.get(ep.address, 0) if b else 0,
                                "labels": dict(ep.labels)}

@@ -14,10 +14,14 @@ from dataclasses import dataclass
 from sidecar import call as calls
 from sidecar.accesslog import AccessLog
 from sidecar.call import Call, Reply
-from sidecar.config.model import Cluster, Endpoint, Route, RuntimeConfig
+from sidecar.config.model import Cluster, Endpoint, Route, RuntimeConfig, parse_query
 from sidecar.spans import SpanRecorder
 from sidecar.stats import Stats
+from sidecar.upstream import breaker
 from sidecar.upstream.balance import Balancer
+from sidecar.upstream.hashing import hash64
+from sidecar.upstream.hosts import HostSet, host_set
+from sidecar.upstream.outlier import OutlierDetector
 
 
 @dataclass(slots=True)
@@ -31,30 +35,85 @@ class Target:
     timeout_s: float | None
 
 
+class ClusterState:
+    """The live side of one cluster, surviving config swaps: balancer, breaker counts, outlier
+    detector, active health check verdicts, and the host set derived from them (recomputed only
+    when endpoints or health change)."""
+
+    __slots__ = ("balancer", "breaker", "outlier", "hc_unhealthy", "gen", "_hs_key", "_hs")
+
+    def __init__(self, balancer: Balancer):
+        self.balancer = balancer
+        self.breaker = breaker.BreakerState()
+        self.outlier: OutlierDetector | None = None
+        self.hc_unhealthy: set[str] = set()  # failing active health checks (or never checked yet)
+        self.gen = 0  # bumped on every health/ejection change
+        self._hs_key: tuple | None = None
+        self._hs: HostSet | None = None
+
+    def hosts(self, endpoints: tuple[Endpoint, ...], panic_threshold: float) -> HostSet:
+        key = (endpoints, self.gen, panic_threshold)
+        hs = self._hs
+        if hs is None or self._hs_key is None or self._hs_key[0] is not endpoints or self._hs_key[1:] != key[1:]:
+            unhealthy = self.hc_unhealthy if self.outlier is None else self.hc_unhealthy | self.outlier.ejected
+            hs = self._hs = host_set(endpoints, unhealthy, panic_threshold)
+            self._hs_key = key
+        return hs
+
+    def changed(self) -> None:
+        self.gen += 1
+
+
 class Dataplane:
     def __init__(self, node_id: str, stats: Stats | None = None, access_log: AccessLog | None = None,
-                 rand=random.random):
+                 rand=random.random, clock=time.monotonic):
         self.node_id = node_id
         self.config = RuntimeConfig()
         self.stats = stats or Stats()
         self.access_log = access_log or AccessLog(None)
-        self.balancers: dict[str, Balancer] = {}
+        self.clusters: dict[str, ClusterState] = {}
         self.rand = rand
+        self.clock = clock
         self.spans = SpanRecorder()  # replaced by one that exports once tracing is configured
+        self.on_swap = None  # set by the health checker: called with each new config
+
+    @property
+    def balancers(self) -> dict[str, Balancer]:
+        return {name: st.balancer for name, st in self.clusters.items()}
 
     # ---- config ---------------------------------------------------------------------------
     def swap(self, config: RuntimeConfig) -> None:
-        """Replace the config whole; balancers of clusters still present keep their state."""
-        balancers = {}
+        """Replace the config whole; state of clusters still present survives."""
+        states = {}
         for name, cluster in config.clusters.items():
-            b = self.balancers.get(name)
-            if b is None or b.policy != cluster.lb_policy:
-                b = Balancer(cluster.lb_policy, self.rand)
-                if name in self.balancers:
-                    b.active = self.balancers[name].active
-            balancers[name] = b
-        self.balancers = balancers
+            st = self.clusters.get(name)
+            b = st.balancer if st is not None else None
+            if b is None or b.policy != cluster.lb_policy or (b.ring_min, b.ring_max, b.maglev_size) != (
+                    cluster.ring_min, cluster.ring_max, cluster.maglev_table):
+                nb = Balancer(cluster.lb_policy, self.rand, ring_min=cluster.ring_min,
+                              ring_max=cluster.ring_max, maglev_size=cluster.maglev_table)
+                if b is not None:
+                    nb.active, nb.served = b.active, b.served
+                b = nb
+            if st is None:
+                st = ClusterState(b)
+            st.balancer = b
+            if cluster.outlier is None:
+                st.outlier = None
+            elif st.outlier is None or st.outlier.policy != cluster.outlier:
+                old = st.outlier
+                st.outlier = OutlierDetector(cluster.outlier, self.rand)
+                if old is not None:
+                    st.outlier.hosts, st.outlier.ejected = old.hosts, old.ejected
+                st.outlier.next_sweep = self.clock() + cluster.outlier.interval_s
+            if not cluster.health_checks and st.hc_unhealthy:
+                st.hc_unhealthy = set()
+            st.changed()
+            states[name] = st
+        self.clusters = states
         self.config = config
+        if self.on_swap is not None:
+            self.on_swap(config)
 
     # ---- per request ----------------------------------------------------------------------
     def begin(self, call: Call) -> None:
@@ -82,11 +141,91 @@ class Dataplane:
         cluster = config.clusters.get(cluster_name)
         if cluster is None:
             return calls.no_cluster(cluster_name)
-        endpoint = self.balancers[cluster_name].pick(config.endpoints_for(cluster))
+        st = self.clusters[cluster_name]
+        limit = breaker.admit_request(cluster.breaker, st.breaker)
+        if limit is not None:
+            return self._overflow(st, cluster_name, limit)
+        endpoint = self._pick(st, cluster, route, call)
         if endpoint is None:
             return calls.no_healthy_upstream(cluster_name)
+        st.breaker.requests += 1
         call.upstream = endpoint.address
         return Target(route, cluster, endpoint, route.rewrite(call.path), route.timeout_s)
+
+    def _overflow(self, st: ClusterState, cluster: str, limit: str) -> Reply:
+        breaker.note_overflow(st.breaker, limit)
+        self.stats.inc("circuit_breaker_overflow", (("cluster", cluster), ("limit", limit)))
+        return breaker.overflow_reply(cluster, limit)
+
+    def _pick(self, st: ClusterState, cluster: Cluster, route: Route, call: Call,
+              avoid: set | None = None, attempts: int = 1) -> Endpoint | None:
+        outlier = st.outlier
+        if outlier is not None:
+            now = self.clock()
+            if now >= outlier.next_sweep:
+                self._sweep(st, cluster, now)
+        hosts = st.hosts(self.config.endpoints_for(cluster), cluster.panic_threshold).pick_level(self.rand)
+        b = st.balancer
+        key = hash_key(route, call) if route.hash_policies and b.policy in ("ring_hash", "maglev") else None
+        ep = b.pick(hosts, key)
+        while avoid and ep is not None and ep.address in avoid and attempts > 0 and len(hosts) > 1:
+            attempts -= 1
+            b.release(ep)
+            ep = b.pick(hosts, None if key is None else hash64(f"{key}:{attempts}"))
+        return ep
+
+    def _sweep(self, st: ClusterState, cluster: Cluster, now: float) -> None:
+        if st.outlier.sweep(now, (e.address for e in self.config.endpoints_for(cluster))):
+            st.changed()
+
+    def sweep_all(self) -> None:
+        """Outlier sweeps for clusters that saw no traffic lately (so /clusters stays true)."""
+        now = self.clock()
+        for name, st in self.clusters.items():
+            cluster = self.config.clusters.get(name)
+            if st.outlier is not None and cluster is not None and now >= st.outlier.next_sweep:
+                self._sweep(st, cluster, now)
+
+    def retarget(self, call: Call, target: Target, tried: set) -> Target | Reply:
+        """A new endpoint of the same cluster for a retry (the previous one is released)."""
+        st = self.clusters.get(target.cluster.name)
+        if st is None:
+            return calls.no_cluster(target.cluster.name)
+        st.balancer.release(target.endpoint)
+        policy = target.route.retry
+        avoid = tried if policy is not None and policy.avoid_previous_hosts else None
+        ep = self._pick(st, target.cluster, target.route, call, avoid,
+                        policy.host_selection_attempts if policy is not None else 1)
+        if ep is None:
+            st.breaker.requests -= 1
+            return calls.no_healthy_upstream(target.cluster.name)
+        call.upstream = ep.address
+        return Target(target.route, target.cluster, ep, target.path, target.timeout_s)
+
+    def report(self, target: Target, status: int) -> None:
+        """One attempt's result for passive health (local failures as 502/503/504)."""
+        st = self.clusters.get(target.cluster.name)
+        if st is None or st.outlier is None:
+            return
+        if st.outlier.record(target.endpoint.address, status, self.clock()):
+            st.changed()
+            self.stats.inc("outlier_ejections", (("cluster", target.cluster.name),))
+
+    def admit_retry(self, target: Target) -> bool:
+        st = self.clusters.get(target.cluster.name)
+        if st is None:
+            return False
+        if breaker.admit_retry(target.cluster.breaker, st.breaker):
+            st.breaker.retries += 1
+            return True
+        breaker.note_overflow(st.breaker, "retries")
+        self.stats.inc("retry_overflow", (("cluster", target.cluster.name),))
+        return False
+
+    def retry_done(self, target: Target) -> None:
+        st = self.clusters.get(target.cluster.name)
+        if st is not None and st.breaker.retries > 0:
+            st.breaker.retries -= 1
 
     def upstream_headers(self, call: Call) -> list[tuple[str, str]]:
         """Open the client span for the upstream attempt; return the trace headers to send
@@ -107,9 +246,11 @@ class Dataplane:
         """Exactly once per request: release the endpoint, close spans, count, log."""
         elapsed_ms = (time.perf_counter() - call.start) * 1000.0
         if target is not None:
-            b = self.balancers.get(target.cluster.name)
-            if b is not None:
-                b.release(target.endpoint)
+            st = self.clusters.get(target.cluster.name)
+            if st is not None:
+                st.balancer.release(target.endpoint)
+                if st.breaker.requests > 0:
+                    st.breaker.requests -= 1
         failed = status >= 500 if grpc_status is None else grpc_status != 0
         for span in (call.extra.pop("client_span", None), call.span):
             if span is None:
@@ -143,8 +284,41 @@ class Dataplane:
             "route": call.route_name, "cluster": call.cluster, "upstream": call.upstream,
             "status": status, "grpc_status": grpc_status, "reason": reason,
             "duration_ms": round(elapsed_ms, 3), "bytes_in": bytes_in, "bytes_out": bytes_out,
-            "trace_id": trace_id,
+            "trace_id": trace_id, "attempts": call.extra.get("attempts", 1),
+            "retry_note": call.extra.get("retry_note", ""),
         })
+
+
+def hash_key(route: Route, call: Call) -> int | None:
+    """The request's hash for ring_hash / maglev from the route's hash policies (Envoy: each
+    present value is folded in; a terminal policy that produced a value stops the walk)."""
+    h = None
+    for hp in route.hash_policies:
+        if hp.kind == "header":
+            value = call.headers.get(hp.name)
+        elif hp.kind == "cookie":
+            value = _cookie(call.headers.get("cookie"), hp.name)
+        elif hp.kind == "source_ip":
+            value = call.peer.rpartition(":")[0] or None
+        else:
+            value = parse_query(call.path.partition("?")[2]).get(hp.name)
+        if value is None:
+            continue
+        v = hash64(value)
+        h = v if h is None else (((h << 1) | (h >> 63)) & 0xFFFFFFFFFFFFFFFF) ^ v
+        if hp.terminal:
+            break
+    return h
+
+
+def _cookie(header: str | None, name: str) -> str | None:
+    if not header:
+        return None
+    for part in header.split(";"):
+        k, _, v = part.strip().partition("=")
+        if k == name:
+            return v
+    return None
 
 
 def _span_attrs(call: Call) -> dict:

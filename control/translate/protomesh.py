@@ -38,7 +38,8 @@ def endpoints_view(mesh: Mesh, registry: Registry) -> dict:
 
 
 def shared_clusters(mesh: Mesh) -> dict:
-    return {name: build.pack(build.cluster(name, s.lb, s.protocol == "grpc", s.connect_timeout_s))
+    return {name: build.pack(build.apply_traffic_cluster(
+                build.cluster(name, s.lb, s.protocol == "grpc", s.connect_timeout_s), s.traffic))
             for name, s in sorted(mesh.services.items())}
 
 
@@ -75,15 +76,15 @@ def mesh_grpc_methods(mesh: Mesh):
 
 
 def outbound_http_routes(mesh: Mesh):
-    vhosts = [build.vhost(name, [name, f"{name}.mesh"], [
-        build.route(f"outbound-{name}", prefix="/", split=((name, 1),), timeout_s=s.timeout_s)])
+    vhosts = [build.vhost(name, [name, f"{name}.mesh"], [build.apply_traffic_route(
+        build.route(f"outbound-{name}", prefix="/", split=((name, 1),), timeout_s=s.timeout_s), s.traffic, True)])
         for name, s in sorted(mesh.services.items()) if s.protocol == "http"]
     return build.route_config(OUTBOUND_HTTP, vhosts)
 
 
 def outbound_grpc_routes(mesh: Mesh):
-    routes = [build.route(f"outbound-{g.full_name}", prefix=f"/{g.full_name}/", grpc=True,
-                          split=((name, 1),), timeout_s=s.timeout_s)
+    routes = [build.apply_traffic_route(build.route(f"outbound-{g.full_name}", prefix=f"/{g.full_name}/", grpc=True,
+                                                    split=((name, 1),), timeout_s=s.timeout_s), s.traffic, False)
               for name, s in sorted(mesh.services.items()) for g in s.grpc_services]
     return build.route_config(OUTBOUND_GRPC, [build.vhost("grpc", ["*"], routes)])
 
@@ -95,7 +96,10 @@ def gateway_view(mesh: Mesh, endpoints: dict, clusters: dict) -> dict[str, dict]
         by_protocol: dict[str, list] = {"http": [], "grpc": []}
         for r in gw.routes:
             svc = mesh.services[r.split[0][0]]
-            by_protocol[svc.protocol].append(build.gateway_route(r, svc.timeout_s))
+            route = build.gateway_route(r, svc.timeout_s)
+            if len(r.split) == 1:  # a split's targets may differ in policy: none is applied
+                build.apply_traffic_route(route, svc.traffic, svc.protocol == "http")
+            by_protocol[svc.protocol].append(route)
         for protocol, addr, name in (("http", gw.http, GATEWAY_HTTP), ("grpc", gw.grpc, GATEWAY_GRPC)):
             if addr is None:
                 continue

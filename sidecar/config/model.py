@@ -88,6 +88,9 @@ class Route:
     clusters: tuple[WeightedCluster, ...] = ()
     timeout_s: float | None = 15.0  # None disables the route timeout (Envoy's timeout: 0s)
     prefix_rewrite: str | None = None
+    retry: "RetryPolicy | None" = None
+    hash_policies: tuple["HashPolicy", ...] = ()
+    mirrors: tuple["Mirror", ...] = ()
 
     def matches(self, path: str, headers: Mapping[str, str]) -> bool:
         bare, _, query = path.partition("?")
@@ -185,11 +188,99 @@ class RouteTable:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Envoy's RouteAction.retry_policy subset.  `retry_on` holds Envoy's condition names
+    (5xx, gateway-error, reset, connect-failure, retriable-status-codes, and the gRPC ones:
+    cancelled, deadline-exceeded, internal, resource-exhausted, unavailable)."""
+
+    retry_on: frozenset[str]
+    num_retries: int = 1
+    per_try_timeout_s: float | None = None
+    base_interval_s: float = 0.025
+    max_interval_s: float = 0.25
+    retriable_status_codes: frozenset[int] = frozenset()
+    request_headers: tuple[HeaderMatch, ...] = ()  # retriable_request_headers; ':method' is the method
+    avoid_previous_hosts: bool = False  # retry_host_predicate previous_hosts
+    host_selection_attempts: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class HashPolicy:
+    """One RouteAction.hash_policy entry: the request property a consistent-hash balancer keys on."""
+
+    kind: str  # header | cookie | source_ip | query
+    name: str = ""
+    terminal: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    """RouteAction.request_mirror_policies entry: copy a sampled share of requests to a cluster."""
+
+    cluster: str
+    fraction: float = 1.0  # of requests, in [0, 1]
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreaker:
+    """Cluster.circuit_breakers default-priority thresholds (Envoy's defaults)."""
+
+    max_connections: int = 1024
+    max_pending: int = 1024
+    max_requests: int = 1024
+    max_retries: int = 3
+    budget_percent: float | None = None  # retry_budget: retries <= this % of active requests
+    min_retry_concurrency: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierPolicy:
+    """Cluster.outlier_detection with Envoy's defaults."""
+
+    consecutive_5xx: int = 5
+    enforcing_consecutive_5xx: int = 100
+    consecutive_gateway_failure: int = 5
+    enforcing_consecutive_gateway_failure: int = 0
+    interval_s: float = 10.0
+    base_ejection_s: float = 30.0
+    max_ejection_s: float = 300.0
+    max_ejection_percent: int = 10
+    success_rate_minimum_hosts: int = 5
+    success_rate_request_volume: int = 100
+    success_rate_stdev_factor: float = 1.9
+    enforcing_success_rate: int = 100
+    failure_percentage_threshold: int = 85
+    failure_percentage_minimum_hosts: int = 5
+    failure_percentage_request_volume: int = 50
+    enforcing_failure_percentage: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """One Cluster.health_checks entry."""
+
+    kind: str  # http | grpc | tcp
+    interval_s: float
+    timeout_s: float
+    unhealthy_threshold: int
+    healthy_threshold: int
+    path: str = "/"
+    host: str = ""
+    expected_statuses: tuple[tuple[int, int], ...] = ((200, 201),)  # [start, end) ranges
+    service_name: str = ""  # gRPC health service name
+    interval_jitter_s: float = 0.0
+    interval_jitter_percent: int = 0
+    initial_jitter_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     host: str
     port: int
     weight: int = 1
     labels: tuple[tuple[str, str], ...] = ()
+    priority: int = 0  # EDS locality priority: 0 is used first
+    locality_weight: int = 1
 
     @property
     def address(self) -> str:
@@ -199,11 +290,18 @@ class Endpoint:
 @dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
-    lb_policy: str  # round_robin | least_request | random
+    lb_policy: str  # round_robin | least_request | random | ring_hash | maglev
     http2: bool  # upstream speaks HTTP/2 (gRPC)
     connect_timeout_s: float
     eds: bool  # endpoints arrive as a ClusterLoadAssignment
     static_endpoints: tuple[Endpoint, ...] = ()
+    breaker: CircuitBreaker = CircuitBreaker()
+    outlier: OutlierPolicy | None = None
+    health_checks: tuple[HealthCheck, ...] = ()
+    panic_threshold: float = 50.0  # common_lb_config.healthy_panic_threshold, percent
+    ring_min: int = 1024  # ring_hash_lb_config.minimum_ring_size
+    ring_max: int = 8 * 1024 * 1024
+    maglev_table: int = 65537  # maglev_lb_config.table_size (prime)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,9 +25,11 @@ from meshapi.v1 import grpc_methods_pb2
 from protomesh import xdstypes
 from sidecar.config.errors import ConfigError
 from sidecar.config.model import (
-    Cluster, Endpoint, HeaderMatch, Listener, PathMatch, Route, RouteTable, StringMatch, Tracing,
-    VirtualHost, WeightedCluster,
+    CircuitBreaker, Cluster, Endpoint, HashPolicy, HeaderMatch, HealthCheck, Listener,
+    OutlierPolicy, PathMatch, RetryPolicy, Route, RouteTable, StringMatch, Tracing, VirtualHost,
+    WeightedCluster,
 )
+from sidecar.upstream.retry import CONDITIONS as RETRY_CONDITIONS
 
 KNOWN_HTTP_FILTERS = {xdstypes.ROUTER}
 
@@ -104,7 +106,8 @@ def parse_route(r: route_components_pb2.Route, where: str) -> Route:
     else:
         raise ConfigError(where + ".match", "needs prefix, path or safe_regex")
     a = r.route
-    _only(a, {"cluster", "weighted_clusters", "timeout", "prefix_rewrite"}, where + ".route")
+    _only(a, {"cluster", "weighted_clusters", "timeout", "prefix_rewrite", "retry_policy", "hash_policy"},
+          where + ".route")
     spec = a.WhichOneof("cluster_specifier")
     if spec == "cluster":
         clusters = (WeightedCluster(a.cluster, 1),)
@@ -127,7 +130,70 @@ def parse_route(r: route_components_pb2.Route, where: str) -> Route:
         clusters=clusters,
         timeout_s=timeout,
         prefix_rewrite=a.prefix_rewrite or None,
+        retry=parse_retry_policy(a.retry_policy, where + ".route.retry_policy") if a.HasField("retry_policy") else None,
+        hash_policies=tuple(parse_hash_policy(h, f"{where}.route.hash_policy[{i}]")
+                            for i, h in enumerate(a.hash_policy)),
     )
+
+
+PREVIOUS_HOSTS = "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+
+
+def parse_retry_policy(rp: route_components_pb2.RetryPolicy, where: str) -> RetryPolicy:
+    _only(rp, {"retry_on", "num_retries", "per_try_timeout", "retry_back_off", "retriable_status_codes",
+               "retriable_request_headers", "retry_host_predicate", "host_selection_retry_max_attempts"}, where)
+    on = frozenset(t.strip() for t in rp.retry_on.split(",") if t.strip())
+    unknown = sorted(on - RETRY_CONDITIONS)
+    if unknown:
+        raise ConfigError(where + ".retry_on", f"{', '.join(unknown)} is not supported "
+                          f"({', '.join(sorted(RETRY_CONDITIONS))})")
+    avoid = False
+    for i, pred in enumerate(rp.retry_host_predicate):
+        if pred.typed_config.type_url != PREVIOUS_HOSTS:
+            raise ConfigError(f"{where}.retry_host_predicate[{i}]",
+                              f"{pred.name or pred.typed_config.type_url} is not supported (previous_hosts only)")
+        avoid = True
+    base, cap = 0.025, None
+    if rp.HasField("retry_back_off"):
+        _only(rp.retry_back_off, {"base_interval", "max_interval"}, where + ".retry_back_off")
+        base = _seconds(rp.retry_back_off.base_interval)
+        if base <= 0:
+            raise ConfigError(where + ".retry_back_off.base_interval", "must be > 0")
+        if rp.retry_back_off.HasField("max_interval"):
+            cap = _seconds(rp.retry_back_off.max_interval)
+            if cap < base:
+                raise ConfigError(where + ".retry_back_off.max_interval", "must be >= base_interval")
+    per_try = _seconds(rp.per_try_timeout) if rp.HasField("per_try_timeout") else None
+    return RetryPolicy(
+        retry_on=on,
+        num_retries=rp.num_retries.value if rp.HasField("num_retries") else 1,
+        per_try_timeout_s=per_try or None,
+        base_interval_s=base,
+        max_interval_s=cap if cap is not None else 10 * base,
+        retriable_status_codes=frozenset(rp.retriable_status_codes),
+        request_headers=tuple(parse_header_match(h, f"{where}.retriable_request_headers[{i}]")
+                              for i, h in enumerate(rp.retriable_request_headers)),
+        avoid_previous_hosts=avoid,
+        host_selection_attempts=rp.host_selection_retry_max_attempts or 1,
+    )
+
+
+def parse_hash_policy(hp: route_components_pb2.RouteAction.HashPolicy, where: str) -> HashPolicy:
+    kind = hp.WhichOneof("policy_specifier")
+    if kind == "header":
+        _only(hp.header, {"header_name"}, where + ".header")
+        return HashPolicy("header", hp.header.header_name.lower(), hp.terminal)
+    if kind == "cookie":
+        _only(hp.cookie, {"name"}, where + ".cookie")  # ttl (generating cookies) is not supported
+        return HashPolicy("cookie", hp.cookie.name, hp.terminal)
+    if kind == "connection_properties":
+        if not hp.connection_properties.source_ip:
+            raise ConfigError(where + ".connection_properties", "only source_ip: true is supported")
+        return HashPolicy("source_ip", "", hp.terminal)
+    if kind == "query_parameter":
+        return HashPolicy("query", hp.query_parameter.name, hp.terminal)
+    raise ConfigError(where, f"{kind or 'empty'} hash policy is not supported (header, cookie, "
+                      "connection_properties.source_ip, query_parameter)")
 
 
 def parse_route_config(rc: route_pb2.RouteConfiguration) -> RouteTable:
@@ -235,12 +301,18 @@ _LB = {
     cluster_pb2.Cluster.ROUND_ROBIN: "round_robin",
     cluster_pb2.Cluster.LEAST_REQUEST: "least_request",
     cluster_pb2.Cluster.RANDOM: "random",
+    cluster_pb2.Cluster.RING_HASH: "ring_hash",
+    cluster_pb2.Cluster.MAGLEV: "maglev",
 }
 
 
 def parse_endpoints(cla: endpoint_pb2.ClusterLoadAssignment, where: str) -> tuple[Endpoint, ...]:
     out = []
+    _only(cla, {"cluster_name", "endpoints"}, where)
     for i, locality in enumerate(cla.endpoints):
+        _only(locality, {"locality", "lb_endpoints", "load_balancing_weight", "priority"},
+              f"{where}.endpoints[{i}]")
+        lw = locality.load_balancing_weight.value if locality.HasField("load_balancing_weight") else 1
         for j, lb in enumerate(locality.lb_endpoints):
             if lb.health_status in (health_check_pb2.UNHEALTHY, health_check_pb2.DRAINING,
                                     health_check_pb2.TIMEOUT):
@@ -253,21 +325,23 @@ def parse_endpoints(cla: endpoint_pb2.ClusterLoadAssignment, where: str) -> tupl
             fm = lb.metadata.filter_metadata.get("protomesh")
             if fm is not None:
                 labels = tuple(sorted((k, str(v)) for k, v in fm.items()))
-            out.append(Endpoint(sa.address, sa.port_value, max(weight, 1), labels))
+            out.append(Endpoint(sa.address, sa.port_value, max(weight, 1), labels, locality.priority,
+                                max(lw, 1)))
     return tuple(out)
 
 
 def parse_cluster(c: cluster_pb2.Cluster) -> Cluster:
     where = f"Cluster {c.name}"
     _only(c, {"name", "type", "eds_cluster_config", "load_assignment", "lb_policy", "connect_timeout",
-              "typed_extension_protocol_options", "metadata"}, where)
+              "typed_extension_protocol_options", "metadata", "circuit_breakers", "outlier_detection",
+              "common_lb_config", "ring_hash_lb_config", "maglev_lb_config"}, where)
     kind = cluster_pb2.Cluster.DiscoveryType.Name(c.type)
     if kind not in ("EDS", "STATIC"):
         raise ConfigError(where + ".type", f"{kind} is not supported (use EDS or STATIC)")
     if c.lb_policy not in _LB:
         raise ConfigError(where + ".lb_policy",
                           f"{cluster_pb2.Cluster.LbPolicy.Name(c.lb_policy)} is not supported "
-                          "(ROUND_ROBIN, LEAST_REQUEST, RANDOM)")
+                          "(ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV)")
     http2 = False
     for key, anyv in c.typed_extension_protocol_options.items():
         if key != xdstypes.HTTP_PROTOCOL_OPTIONS_KEY:
@@ -279,7 +353,127 @@ def parse_cluster(c: cluster_pb2.Cluster) -> Cluster:
     if kind == "STATIC":
         static = parse_endpoints(c.load_assignment, where + ".load_assignment")
     timeout = _seconds(c.connect_timeout) if c.HasField("connect_timeout") else 5.0
-    return Cluster(c.name, _LB[c.lb_policy], http2, timeout, kind == "EDS", static)
+    panic = 50.0
+    if c.HasField("common_lb_config"):
+        _only(c.common_lb_config, {"healthy_panic_threshold"}, where + ".common_lb_config")
+        if c.common_lb_config.HasField("healthy_panic_threshold"):
+            panic = c.common_lb_config.healthy_panic_threshold.value
+    ring_min, ring_max, maglev = 1024, 8 << 20, 65537
+    if c.HasField("ring_hash_lb_config"):
+        rh = c.ring_hash_lb_config
+        # hash_function is refused when set (MURMUR_HASH_2): our ring hashes with its own function.
+        _only(rh, {"minimum_ring_size", "maximum_ring_size"}, where + ".ring_hash_lb_config")
+        ring_min = rh.minimum_ring_size.value if rh.HasField("minimum_ring_size") else ring_min
+        ring_max = rh.maximum_ring_size.value if rh.HasField("maximum_ring_size") else ring_max
+        if ring_min > ring_max or ring_min <= 0:
+            raise ConfigError(where + ".ring_hash_lb_config", "needs 0 < minimum_ring_size <= maximum_ring_size")
+    if c.HasField("maglev_lb_config"):
+        _only(c.maglev_lb_config, {"table_size"}, where + ".maglev_lb_config")
+        if c.maglev_lb_config.HasField("table_size"):
+            maglev = c.maglev_lb_config.table_size.value
+            if maglev < 2 or any(maglev % d == 0 for d in range(2, int(maglev ** 0.5) + 1)):
+                raise ConfigError(where + ".maglev_lb_config.table_size", f"{maglev} is not a prime")
+    return Cluster(c.name, _LB[c.lb_policy], http2, timeout, kind == "EDS", static,
+                   breaker=parse_circuit_breakers(c.circuit_breakers, where + ".circuit_breakers")
+                   if c.HasField("circuit_breakers") else CircuitBreaker(),
+                   outlier=parse_outlier(c.outlier_detection, where + ".outlier_detection")
+                   if c.HasField("outlier_detection") else None,
+                   health_checks=tuple(parse_health_check(h, f"{where}.health_checks[{i}]")
+                                       for i, h in enumerate(c.health_checks)),
+                   panic_threshold=panic, ring_min=ring_min, ring_max=ring_max, maglev_table=maglev)
+
+
+def _u32(msg, name: str, default):
+    return getattr(msg, name).value if msg.HasField(name) else default
+
+
+def parse_circuit_breakers(cb, where: str) -> CircuitBreaker:
+    _only(cb, {"thresholds"}, where)
+    out = CircuitBreaker()
+    for i, t in enumerate(cb.thresholds):
+        twhere = f"{where}.thresholds[{i}]"
+        _only(t, {"priority", "max_connections", "max_pending_requests", "max_requests", "max_retries",
+                  "retry_budget", "track_remaining"}, twhere)
+        if t.priority != base_pb2.DEFAULT:
+            continue  # HIGH priority routes are not distinguished; their thresholds do not apply
+        budget, min_conc = None, 3
+        if t.HasField("retry_budget"):
+            budget = t.retry_budget.budget_percent.value if t.retry_budget.HasField("budget_percent") else 20.0
+            min_conc = _u32(t.retry_budget, "min_retry_concurrency", 3)
+        out = CircuitBreaker(_u32(t, "max_connections", 1024), _u32(t, "max_pending_requests", 1024),
+                             _u32(t, "max_requests", 1024), _u32(t, "max_retries", 3), budget, min_conc)
+    return out
+
+
+def parse_outlier(od, where: str) -> OutlierPolicy:
+    _only(od, {"consecutive_5xx", "enforcing_consecutive_5xx", "consecutive_gateway_failure",
+               "enforcing_consecutive_gateway_failure", "interval", "base_ejection_time", "max_ejection_time",
+               "max_ejection_percent", "success_rate_minimum_hosts", "success_rate_request_volume",
+               "success_rate_stdev_factor", "enforcing_success_rate", "failure_percentage_threshold",
+               "failure_percentage_minimum_hosts", "failure_percentage_request_volume",
+               "enforcing_failure_percentage"}, where)
+    d = OutlierPolicy()
+
+    def dur(name, default):
+        return _seconds(getattr(od, name)) if od.HasField(name) else default
+    return OutlierPolicy(
+        consecutive_5xx=_u32(od, "consecutive_5xx", d.consecutive_5xx),
+        enforcing_consecutive_5xx=_u32(od, "enforcing_consecutive_5xx", d.enforcing_consecutive_5xx),
+        consecutive_gateway_failure=_u32(od, "consecutive_gateway_failure", d.consecutive_gateway_failure),
+        enforcing_consecutive_gateway_failure=_u32(od, "enforcing_consecutive_gateway_failure",
+                                                   d.enforcing_consecutive_gateway_failure),
+        interval_s=dur("interval", d.interval_s) or d.interval_s,
+        base_ejection_s=dur("base_ejection_time", d.base_ejection_s),
+        max_ejection_s=dur("max_ejection_time", d.max_ejection_s),
+        max_ejection_percent=_u32(od, "max_ejection_percent", d.max_ejection_percent),
+        success_rate_minimum_hosts=_u32(od, "success_rate_minimum_hosts", d.success_rate_minimum_hosts),
+        success_rate_request_volume=_u32(od, "success_rate_request_volume", d.success_rate_request_volume),
+        success_rate_stdev_factor=_u32(od, "success_rate_stdev_factor", 1900) / 1000.0,
+        enforcing_success_rate=_u32(od, "enforcing_success_rate", d.enforcing_success_rate),
+        failure_percentage_threshold=_u32(od, "failure_percentage_threshold", d.failure_percentage_threshold),
+        failure_percentage_minimum_hosts=_u32(od, "failure_percentage_minimum_hosts",
+                                              d.failure_percentage_minimum_hosts),
+        failure_percentage_request_volume=_u32(od, "failure_percentage_request_volume",
+                                               d.failure_percentage_request_volume),
+        enforcing_failure_percentage=_u32(od, "enforcing_failure_percentage", d.enforcing_failure_percentage),
+    )
+
+
+def parse_health_check(h, where: str) -> HealthCheck:
+    _only(h, {"timeout", "interval", "initial_jitter", "interval_jitter", "interval_jitter_percent",
+              "unhealthy_threshold", "healthy_threshold", "http_health_check", "tcp_health_check",
+              "grpc_health_check"}, where)
+    for name in ("timeout", "interval", "unhealthy_threshold", "healthy_threshold"):
+        if not h.HasField(name):
+            raise ConfigError(f"{where}.{name}", "is required")
+    kind = h.WhichOneof("health_checker")
+    extra: dict = {}
+    if kind == "http_health_check":
+        hh = h.http_health_check
+        _only(hh, {"path", "host", "expected_statuses"}, where + ".http_health_check")
+        if not hh.path:
+            raise ConfigError(where + ".http_health_check.path", "is required")
+        extra = {"path": hh.path, "host": hh.host}
+        if hh.expected_statuses:
+            extra["expected_statuses"] = tuple((r.start, r.end) for r in hh.expected_statuses)
+        kind = "http"
+    elif kind == "grpc_health_check":
+        _only(h.grpc_health_check, {"service_name", "authority"}, where + ".grpc_health_check")
+        extra = {"service_name": h.grpc_health_check.service_name}
+        kind = "grpc"
+    elif kind == "tcp_health_check":
+        _only(h.tcp_health_check, set(), where + ".tcp_health_check")  # connect only, no payload
+        kind = "tcp"
+    else:
+        raise ConfigError(where, f"{kind or 'no'} health checker is not supported (http, grpc, tcp)")
+    interval = _seconds(h.interval)
+    timeout = _seconds(h.timeout)
+    if interval <= 0 or timeout <= 0:
+        raise ConfigError(where, "interval and timeout must be > 0")
+    return HealthCheck(kind, interval, timeout, h.unhealthy_threshold.value, h.healthy_threshold.value,
+                       interval_jitter_s=_seconds(h.interval_jitter),
+                       interval_jitter_percent=h.interval_jitter_percent,
+                       initial_jitter_s=_seconds(h.initial_jitter), **extra)
 
 
 def _unpack(any_msg: any_pb2.Any, cls, type_url: str):

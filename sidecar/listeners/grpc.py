@@ -15,6 +15,7 @@ import grpc
 
 from sidecar.call import REASON_HEADER, Call, Reply
 from sidecar.dataplane import Dataplane, Target
+from sidecar.upstream import retry
 from sidecar.upstream.grpc_pool import GrpcPool
 
 # Metadata grpcio manages itself or that belongs to one hop only; never forwarded.
@@ -114,9 +115,69 @@ class GrpcListener:
         if has_deadline and (timeout is None or remaining < timeout):
             timeout, mesh_timeout = remaining, False
         forward.extend(dp.upstream_headers(call))
-        channel = self.pool.channel(target.endpoint.address)
-        upstream = getattr(channel, shape)(target.path)(request, timeout=timeout, metadata=tuple(forward))
-        return _Exchange(call, target, upstream, mesh_timeout)
+        ex = _Exchange(call, target, None, mesh_timeout)
+        ex.forward = tuple(forward)
+        ex.deadline = None if timeout is None else time.monotonic() + timeout
+        self._attempt(ex, shape, request)
+        return ex
+
+    def _attempt(self, ex: "_Exchange", shape: str, request) -> None:
+        """Start one upstream attempt.  grpcio turns `timeout` into the `grpc-timeout` header, so
+        the deadline the next hop sees is what is left of ours (or the per-try timeout)."""
+        remaining = None if ex.deadline is None else max(ex.deadline - time.monotonic(), 0.001)
+        timeout, ex.per_try = retry.attempt_timeout(ex.target.route.retry, remaining)
+        channel = self.pool.channel(ex.target.endpoint.address)
+        ex.upstream = getattr(channel, shape)(ex.target.path)(request, timeout=timeout, metadata=ex.forward)
+
+    async def _retry(self, ex: "_Exchange", err: grpc.aio.AioRpcError, shape: str, request) -> bool:
+        """After a failed attempt that relayed nothing: report it, and start another attempt if
+        the route's retry policy, the retry budget and the deadline allow."""
+        code = err.code().value[0]
+        local = code == 14 and not err.initial_metadata()
+        per_try_expired = code == 4 and ex.per_try
+        dp = self.dataplane
+        target = ex.target
+        dp.report(target, 503 if local else _HTTP_OF_GRPC.get(code, 200))
+        if ex.retrying:
+            ex.retrying = False
+            dp.retry_done(target)
+        policy = target.route.retry
+        if policy is None or shape not in ("unary_unary", "unary_stream"):
+            return False
+        kind = retry.PER_TRY_TIMEOUT if per_try_expired else retry.CONNECT_FAILURE if local else None
+        if not ((kind is not None and retry.retriable(policy, kind)) or retry.retriable(policy, retry.GRPC_STATUS, code)):
+            return False
+        if ex.attempts > policy.num_retries:
+            return False
+        call = ex.call
+        if not retry.request_allows(policy, call.method, call.headers):
+            call.extra["retry_note"] = "request_not_retriable"
+            return False
+        if not dp.admit_retry(target):
+            call.extra["retry_note"] = "retry_budget_exhausted"
+            return False
+        ex.retrying = True
+        delay = retry.backoff_s(policy, ex.attempts - 1, dp.rand)
+        if ex.deadline is not None and time.monotonic() + delay >= ex.deadline:
+            return False
+        await asyncio.sleep(delay)
+        if ex.tried is None:
+            ex.tried = set()
+        ex.tried.add(target.endpoint.address)
+        result = dp.retarget(call, target, ex.tried)
+        if isinstance(result, Reply):
+            return False
+        ex.target = result
+        ex.attempts += 1
+        call.extra["attempts"] = ex.attempts
+        dp.stats.inc("retries", (("cluster", target.cluster.name),))
+        self._attempt(ex, shape, request)
+        return True
+
+    def _settled(self, ex: "_Exchange") -> None:
+        if ex.retrying:
+            ex.retrying = False
+            self.dataplane.retry_done(ex.target)
 
     async def forward_unary(self, method: str, shape: str, request, context):
         """unary_unary and stream_unary: one response message."""
@@ -125,7 +186,17 @@ class GrpcListener:
             return None
         self.inflight += 1
         try:
-            response = await ex.upstream
+            while True:
+                try:
+                    response = await ex.upstream
+                    break
+                except grpc.aio.AioRpcError as err:
+                    if await self._retry(ex, err, shape, request):
+                        continue
+                    self._settled(ex)
+                    self._upstream_error(context, ex, err)
+                    return None
+            self._settled(ex)
             initial = await ex.upstream.initial_metadata()
             if initial:
                 await context.send_initial_metadata(tuple(initial))
@@ -135,27 +206,49 @@ class GrpcListener:
             self._upstream_error(context, ex, err)
             return None
         except asyncio.CancelledError:
+            self._settled(ex)
             self._cancelled(ex)
             raise
         finally:
             self.inflight -= 1
 
     async def forward_stream(self, method: str, shape: str, request, context):
-        """unary_stream and stream_stream: relay response messages as they come."""
+        """unary_stream and stream_stream: relay response messages as they come.  Initial
+        metadata goes out with the first message, so an attempt that fails before any message
+        can still be retried (unary_stream only: a request stream cannot be replayed)."""
         ex = self._open(method, shape, request, context)
         if ex is None:
             return
         self.inflight += 1
+        relayed = False
         try:
-            initial = await ex.upstream.initial_metadata()
-            if initial:
-                await context.send_initial_metadata(tuple(initial))
-            async for message in ex.upstream:
-                yield message
+            while True:
+                try:
+                    async for message in ex.upstream:
+                        if not relayed:
+                            relayed = True
+                            self._settled(ex)
+                            initial = await ex.upstream.initial_metadata()
+                            if initial:
+                                await context.send_initial_metadata(tuple(initial))
+                        yield message
+                    break
+                except grpc.aio.AioRpcError as err:
+                    if not relayed and await self._retry(ex, err, shape, request):
+                        continue
+                    self._settled(ex)
+                    self._upstream_error(context, ex, err)
+                    return
+            self._settled(ex)
+            if not relayed:
+                initial = await ex.upstream.initial_metadata()
+                if initial:
+                    await context.send_initial_metadata(tuple(initial))
             await self._relay_status(context, ex)
         except grpc.aio.AioRpcError as err:
             self._upstream_error(context, ex, err)
         except asyncio.CancelledError:
+            self._settled(ex)
             self._cancelled(ex)
             raise
         finally:
@@ -171,6 +264,7 @@ class GrpcListener:
             details = await ex.upstream.details()
             if details:
                 context.set_details(details)
+        self.dataplane.report(ex.target, _HTTP_OF_GRPC.get(code.value[0], 200))
         self.dataplane.finish(ex.call, ex.target, 200, "", grpc_status=code.value[0])
 
     def _cancelled(self, ex: "_Exchange") -> None:
@@ -185,7 +279,9 @@ class GrpcListener:
         reason = ""
         if code == grpc.StatusCode.UNAVAILABLE and not err.initial_metadata():
             reason = "upstream_unavailable"
-        elif code == grpc.StatusCode.DEADLINE_EXCEEDED and ex.mesh_timeout:
+            if call.extra.get("retry_note") == "retry_budget_exhausted":
+                reason = "retry_budget_exhausted"
+        elif code == grpc.StatusCode.DEADLINE_EXCEEDED and (ex.mesh_timeout or ex.per_try):
             reason = "upstream_timeout"
         trailing = tuple(err.trailing_metadata() or ())
         details = err.details() or ""
@@ -208,15 +304,24 @@ class GrpcListener:
 
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
+# gRPC status → the HTTP status outlier detection counts (Envoy's grpcToHttpStatus for 5xx).
+_HTTP_OF_GRPC = {2: 500, 4: 504, 12: 501, 13: 500, 14: 503, 15: 500}
 
 
 class _Exchange:
     """One proxied call in flight: what was chosen for it and the upstream call object."""
 
-    __slots__ = ("call", "target", "upstream", "mesh_timeout")
+    __slots__ = ("call", "target", "upstream", "mesh_timeout", "forward", "deadline", "per_try",
+                 "attempts", "tried", "retrying")
 
     def __init__(self, call: Call, target: Target, upstream, mesh_timeout: bool):
         self.call = call
         self.target = target
         self.upstream = upstream
         self.mesh_timeout = mesh_timeout  # the route's timeout, not the caller's deadline, bounds it
+        self.forward: tuple = ()  # metadata sent upstream on every attempt
+        self.deadline: float | None = None  # monotonic; the whole call, across attempts
+        self.per_try = False  # this attempt's timeout is the per-try timeout
+        self.attempts = 1
+        self.tried: set | None = None
+        self.retrying = False

@@ -25,12 +25,13 @@ from sidecar.call import (GRPC_CANCELLED, GRPC_DEADLINE_EXCEEDED, GRPC_INTERNAL,
                           GRPC_INVALID_ARGUMENT, GRPC_UNAVAILABLE, REASON_HEADER, Call, Reply,
                           upstream_timeout, upstream_unavailable)
 from sidecar.dataplane import Dataplane, Target
+from sidecar.upstream import breaker, retry
 from sidecar.upstream.http_pool import (CHUNKED, CONTENT_LENGTH, NO_BODY, HttpPool,
                                         UpstreamConnection)
 
 log = logging.getLogger("protomesh.sidecar")
 
-RETRY_BUFFER_LIMIT = 64 * 1024  # a request this small (head + body) is kept for one retry
+RETRY_BUFFER_LIMIT = 64 * 1024  # a request this small (head + body) is kept for retries
 PENDING_LIMIT = 64 * 1024  # body buffered while connecting / while queued before reading pauses
 
 _HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
@@ -96,7 +97,8 @@ class _Exchange:
                  "target", "up", "task", "timer", "sent", "sent_size", "pending",
                  "pending_size", "pending_full", "up_paused", "retried", "resp_started",
                  "resp_done", "finished", "status", "mode", "close_after", "bytes_in",
-                 "bytes_out", "out")
+                 "bytes_out", "out", "attempts", "tried", "retry_timer", "try_timer", "retrying",
+                 "pending_state")
 
     def __init__(self, conn: "_Downstream", method_b: bytes, version: str, url: bytes,
                  raw: list, lnames: list, headers: dict, chunked: bool, has_body: bool,
@@ -136,6 +138,12 @@ class _Exchange:
         self.bytes_in = 0
         self.bytes_out = 0
         self.out: list = []  # response bytes collected during one upstream read, sent at once
+        self.attempts = 1  # upstream attempts made (retries are attempts - 1)
+        self.tried: set | None = None  # endpoints already tried, for retry_host_predicate
+        self.retry_timer: asyncio.TimerHandle | None = None  # back-off before the next attempt
+        self.try_timer: asyncio.TimerHandle | None = None  # per-try timeout
+        self.retrying = False  # counted in the cluster's active retries
+        self.pending_state = None  # ClusterState whose pending count includes this exchange
 
     # ---- request side -------------------------------------------------------------------
     def activate(self) -> None:
@@ -163,11 +171,38 @@ class _Exchange:
                 self._emit_body(data)
         if self.req_done:
             self._request_sent()
-        up = listener.pool.take_idle(result.endpoint)
+        if not self.finished:
+            self._start_attempt()
+
+    def _start_attempt(self) -> None:
+        """Use an idle pooled connection, or open one (the only step that needs a task) if the
+        cluster's pending and connection limits allow."""
+        target = self.target
+        pool = self.conn.listener.pool
+        up = pool.take_idle(target.endpoint)
         if up is not None:
             self._attach(up)
-        else:
-            self.task = asyncio.get_running_loop().create_task(self._connect())
+            return
+        dp = self.conn.listener.dataplane
+        st = dp.clusters.get(target.cluster.name)
+        if st is not None:
+            limits = target.cluster.breaker
+            limit = breaker.admit_pending(limits, st.breaker)
+            if limit is None and limits.max_connections < 1 << 30:
+                open_now = sum(pool.open_count(ep) for ep in dp.config.endpoints_for(target.cluster))
+                limit = breaker.admit_connection(limits, open_now)
+            if limit is not None:
+                self.local_reply(dp._overflow(st, target.cluster.name, limit))
+                return
+            st.breaker.pending += 1
+            self.pending_state = st
+        self.task = asyncio.get_running_loop().create_task(self._connect())
+
+    def _unpend(self) -> None:
+        st = self.pending_state
+        if st is not None:
+            self.pending_state = None
+            st.breaker.pending -= 1
 
     def _request_head(self, target: Target, trace_pairs: list) -> bytes:
         conn = self.conn
@@ -230,6 +265,14 @@ class _Exchange:
         timeout = self.target.timeout_s
         if timeout is not None and self.timer is None and not self.resp_started:
             self.timer = asyncio.get_running_loop().call_later(timeout, self._on_timeout)
+        self._arm_try_timer()
+
+    def _arm_try_timer(self) -> None:
+        policy = self.target.route.retry
+        if policy is not None and policy.per_try_timeout_s is not None and self.try_timer is None \
+                and not self.resp_started:
+            self.try_timer = asyncio.get_running_loop().call_later(policy.per_try_timeout_s,
+                                                                   self._on_try_timeout)
 
     def _emit_body(self, data: bytes) -> None:
         if self.chunked:
@@ -265,14 +308,18 @@ class _Exchange:
                                                        target.cluster.connect_timeout_s)
         except (OSError, asyncio.TimeoutError) as exc:
             self.task = None
-            if not self.finished and not self.resp_started:
+            self._unpend()
+            if not self.finished and not self.resp_started and self.target is target:
                 if isinstance(exc, TimeoutError):
                     why = f"connect timeout after {target.cluster.connect_timeout_s:g}s"
                 else:
                     why = f"connect failed: {exc.strerror or exc}"
-                self.local_reply(upstream_unavailable(target.cluster.name,
-                                                      target.endpoint.address, why))
+                self._attempt_failed(retry.CONNECT_FAILURE, upstream_unavailable(
+                    target.cluster.name, target.endpoint.address, why))
             return
+        finally:
+            if self.task is None:
+                self._unpend()
         self.task = None
         if self.finished or self.resp_started:
             self.conn.listener.pool.release(up, False)
@@ -305,6 +352,16 @@ class _Exchange:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None
+        self._drop_attempt()
+
+    def _drop_attempt(self) -> None:
+        """Abandon the current attempt (its connection or connect) but not the request."""
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
         if self.task is not None:
             self.task.cancel()
             self.task = None
@@ -321,13 +378,105 @@ class _Exchange:
         if self.resp_started or self.finished:
             return
         target = self.target
+        if self.retry_timer is None:  # an attempt was in flight: it timed out, as far as health goes
+            self.conn.listener.dataplane.report(target, 504)
         self.local_reply(upstream_timeout(target.cluster.name, target.timeout_s))
+
+    def _on_try_timeout(self) -> None:
+        self.try_timer = None
+        if self.resp_started or self.finished:
+            return
+        target = self.target
+        self._drop_attempt()
+        self._attempt_failed(retry.PER_TRY_TIMEOUT, Reply(
+            504, GRPC_DEADLINE_EXCEEDED, "upstream_timeout",
+            f"cluster {target.cluster.name} endpoint {target.endpoint.address} did not answer "
+            f"within the per-try timeout of {target.route.retry.per_try_timeout_s:g}s"))
+
+    # ---- retries --------------------------------------------------------------------------
+    def _attempt_failed(self, kind: str, reply: Reply) -> None:
+        """An attempt ended without a response: retry if the policy and budget allow, else
+        answer with why."""
+        dp = self.conn.listener.dataplane
+        dp.report(self.target, reply.status)
+        if self._try_retry(kind, 0):
+            return
+        if self.call.extra.get("retry_note") == "retry_budget_exhausted":
+            reply = breaker.retry_budget_reply(self.target.cluster.name, reply.message)
+        self.local_reply(reply)
+
+    def _try_retry(self, kind: str, code: int) -> bool:
+        """Schedule another attempt after the back-off; False when this one is the answer."""
+        target = self.target
+        policy = target.route.retry
+        if policy is None or self.finished or not retry.retriable(policy, kind, code):
+            return False
+        self._retry_settled()
+        if self.attempts > policy.num_retries:
+            return False
+        extra = self.call.extra
+        if self.sent is None:
+            extra["retry_note"] = "body_too_large_to_replay"
+            return False
+        if not retry.request_allows(policy, self.method, self.headers):
+            extra["retry_note"] = "request_not_retriable"
+            return False
+        dp = self.conn.listener.dataplane
+        if not dp.admit_retry(target):
+            extra["retry_note"] = "retry_budget_exhausted"
+            return False
+        self.retrying = True
+        up = self.up
+        self.up = None
+        if up is not None:
+            up.abort()
+        self._drop_attempt()
+        if self.tried is None:
+            self.tried = set()
+        self.tried.add(target.endpoint.address)
+        delay = retry.backoff_s(policy, self.attempts - 1, dp.rand)
+        self.retry_timer = asyncio.get_running_loop().call_later(delay, self._retry)
+        dp.stats.inc("retries", (("cluster", target.cluster.name),))
+        return True
+
+    def _retry_settled(self) -> None:
+        if self.retrying:
+            self.retrying = False
+            self.conn.listener.dataplane.retry_done(self.target)
+
+    def _retry(self) -> None:
+        self.retry_timer = None
+        if self.finished or self.resp_started:
+            return
+        dp = self.conn.listener.dataplane
+        result = dp.retarget(self.call, self.target, self.tried)
+        if isinstance(result, Reply):
+            self.local_reply(result)
+            return
+        self.target = result
+        self.attempts += 1
+        self.call.extra["attempts"] = self.attempts
+        self.pending = list(self.sent)
+        self.pending_size = self.sent_size
+        if self.req_done:
+            self._arm_try_timer()
+        self._start_attempt()
 
     # ---- ResponseHandler ----------------------------------------------------------------
     def on_response_head(self, status: int, reason: bytes, headers: list, framing: int) -> None:
+        target = self.target
+        self.conn.listener.dataplane.report(target, status)
+        if status >= 500 or (target.route.retry is not None and
+                             status in target.route.retry.retriable_status_codes):
+            if self._try_retry(retry.HTTP_STATUS, status):
+                return
+        self._retry_settled()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
         self.resp_started = True
         self.status = status
         conn = self.conn
@@ -433,7 +582,7 @@ class _Exchange:
         else:
             reply = Reply(503, GRPC_UNAVAILABLE, "upstream_reset",
                           f"{where}: {why} before the response started")
-        self.local_reply(reply)
+        self._attempt_failed(retry.RESET, reply)
 
     def on_upstream_pause(self) -> None:
         if not self.up_paused:
@@ -471,6 +620,13 @@ class _Exchange:
         if self.finished:
             return
         self.finished = True
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+        self._retry_settled()
         if self.call is not None:
             self.conn.listener.dataplane.finish(self.call, self.target, status, reason,
                                                 bytes_in=self.bytes_in, bytes_out=self.bytes_out)

@@ -363,6 +363,10 @@ class HttpPool:
         if remaining and not self._closed:
             self._sweeper = loop.call_later(self.idle_timeout_s / 2 + 0.01, self._sweep)
 
+    def open_count(self, endpoint: Endpoint) -> int:
+        ep = self._endpoints.get((endpoint.host, endpoint.port))
+        return ep.open if ep is not None else 0
+
     def stats(self) -> dict[str, dict[str, int]]:
         """`{"host:port": {"open": n, "idle": m}}` for the admin /clusters page."""
         return {f"{host}:{port}": {"open": ep.open, "idle": sum(1 for c in ep.idle if not c.closed)}

@@ -97,3 +97,50 @@ def test_grpc_service_without_proto_is_rejected(tmp_path):
     with pytest.raises(MeshError) as info:
         load_mesh(write(tmp_path, "services:\n  users: { protocol: grpc }\n"))
     assert info.value.field == "services.users.proto"
+
+
+TRAFFIC = f"""
+proto_paths: [{PROTO_ROOT}]
+services:
+  users:
+    protocol: grpc
+    proto: demo/users/v1/users.proto
+    lb: ring_hash
+    hash: [ {{ header: x-user }}, {{ source_ip: true }} ]
+    retries: {{ retry_on: [unavailable, connect-failure], attempts: 3, per_try_timeout: 200ms, backoff: {{ base: 10ms, max: 100ms }} }}
+    outlier_detection: {{ consecutive_5xx: 3, interval: 1s, base_ejection_time: 5s, max_ejection_percent: 50 }}
+    circuit_breakers: {{ max_requests: 100, budget_percent: 20, min_retry_concurrency: 2 }}
+    panic_threshold: 30
+    ring_hash: {{ minimum_ring_size: 2048 }}
+  products: {{ protocol: http, retries: {{ status_codes: [409] }}, lb: maglev, maglev: {{ table_size: 5003 }} }}
+"""
+
+
+def test_traffic_fields_parse(tmp_path):
+    mesh = load_mesh(write(tmp_path, TRAFFIC))
+    t = mesh.services["users"].traffic
+    assert t.retries.on == ("unavailable", "connect-failure") and t.retries.attempts == 3
+    assert t.retries.per_try_timeout_s == 0.2 and t.retries.backoff_max_s == 0.1
+    assert dict(t.outlier) == {"consecutive_5xx": 3, "interval": 1.0, "base_ejection_time": 5.0,
+                               "max_ejection_percent": 50}
+    assert dict(t.circuit_breakers)["budget_percent"] == 20
+    assert t.hash == (("header", "x-user"), ("source_ip", "")) and t.panic_threshold == 30
+    p = mesh.services["products"].traffic
+    assert "retriable-status-codes" in p.retries.on and p.retries.status_codes == (409,)
+    assert p.maglev_table_size == 5003
+
+
+@pytest.mark.parametrize("service,field,fix", [
+    ("{ protocol: http, retries: { retry_on: [teapot] } }", "services.p.retries.retry_on", "use some of"),
+    ("{ protocol: http, retries: { backoff: { base: 1s, max: 10ms } } }", "services.p.retries.backoff", "base <= max"),
+    ("{ protocol: http, hash: [ { header: x } ] }", "services.p.hash", "lb: ring_hash"),
+    ("{ protocol: http, outlier_detection: { max_ejection_percent: 150 } }",
+     "services.p.outlier_detection.max_ejection_percent", "<= 100"),
+    ("{ protocol: http, circuit_breakers: { max_conns: 1 } }", "services.p.circuit_breakers.max_conns", "max_connections"),
+    ("{ protocol: http, lb: ring_hash, ring_hash: { hash_function: md5 } }", "services.p.ring_hash.hash_function", "xx_hash"),
+])
+def test_traffic_errors_name_the_field(tmp_path, service, field, fix):
+    with pytest.raises(MeshError) as info:
+        load_mesh(write(tmp_path, f"services:\n  p: {service}\n"))
+    text = str(info.value)
+    assert field in text and fix in text, text
