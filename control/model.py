@@ -180,7 +180,10 @@ def load_mesh(path: str | Path, compile_protos=None) -> Mesh:
 
 def parse_mesh(doc: dict, file: str, base: Path, compile_protos=None) -> Mesh:
     _known(doc, {"services", "gateway", "telemetry", "proto_paths"}, file, "")
-    proto_paths = tuple(str((base / p).resolve()) for p in (doc.get("proto_paths") or []))
+    raw_paths = doc.get("proto_paths") or []
+    if not isinstance(raw_paths, list) or not all(isinstance(p, str) and p for p in raw_paths):
+        raise MeshError(file, "proto_paths", "must be a list of directories", "write e.g. proto_paths: [../proto]")
+    proto_paths = tuple(str((base / p).resolve()) for p in raw_paths)
     services_doc = _mapping(doc.get("services"), file, "services")
     if not services_doc:
         raise MeshError(file, "services", "no services defined", "add at least one service")
@@ -215,7 +218,10 @@ def _parse_service(name: str, d: dict, file: str, base: Path, proto_paths, compi
         raise MeshError(file, f"{where}.endpoints", "must be a list of host:port")
     endpoints = tuple(parse_address(e, file, f"{where}.endpoints[{i}]") for i, e in enumerate(eps))
     protos = d.get("proto") or []
-    protos = [protos] if isinstance(protos, str) else list(protos)
+    protos = [protos] if isinstance(protos, str) else protos
+    if not isinstance(protos, list) or not all(isinstance(p, str) and p for p in protos):
+        raise MeshError(file, f"{where}.proto", "must be a .proto path or a list of them",
+                        "write e.g. proto: demo/users/v1/users.proto")
     grpc_services: tuple = ()
     if protos:
         if protocol != "grpc":
@@ -419,7 +425,7 @@ def _parse_route(d: dict, i: int, file: str, mesh: Mesh) -> GatewayRoute:
 
 
 def _service_ref(value, file: str, where: str, mesh: Mesh) -> str:
-    if value not in mesh.services:
+    if not isinstance(value, str) or value not in mesh.services:
         raise MeshError(file, where, f"unknown service {value!r}",
                         f"use one of: {', '.join(sorted(mesh.services))}")
     return str(value)

@@ -74,4 +74,9 @@ class MeshWatcher:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
-            self.check()
+            try:
+                self.check()
+            except Exception:  # a bug here must not end the watch: later edits still apply
+                self.error = "internal error while reloading (see the control server log)"
+                self.rejected += 1
+                log.exception("mesh reload failed; the previous mesh stays in force")

@@ -166,15 +166,20 @@ class RouteTable:
         vh = self._exact.get(bare)
         if vh is not None:
             return vh
-        best, best_len = None, -1
-        for candidate in self.virtual_hosts:
-            for d in candidate.domains:
-                if d.startswith("*") and d != "*" and bare.endswith(d[1:]) and len(d) > best_len:
-                    best, best_len = candidate, len(d)
-                elif d.endswith("*") and d != "*" and bare.startswith(d[:-1]) and len(d) > best_len:
-                    best, best_len = candidate, len(d)
-        if best is not None:
-            return best
+        # Like Envoy: the longest suffix wildcard (`*.example.com`), else the longest prefix
+        # wildcard (`api.*`), else `*`.
+        for suffix in (True, False):
+            best, best_len = None, -1
+            for candidate in self.virtual_hosts:
+                for d in candidate.domains:
+                    if d == "*" or len(d) <= best_len:
+                        continue
+                    if suffix and d.startswith("*") and bare.endswith(d[1:]):
+                        best, best_len = candidate, len(d)
+                    elif not suffix and d.endswith("*") and bare.startswith(d[:-1]):
+                        best, best_len = candidate, len(d)
+            if best is not None:
+                return best
         return self._exact.get("*")
 
     def select(self, authority: str, path: str, headers: Mapping[str, str]) -> Route | None:

@@ -20,6 +20,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.config.trace.v3 import opentelemetry_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 
 from meshapi.v1 import grpc_methods_pb2
 from protomesh import xdstypes
@@ -32,6 +33,27 @@ from sidecar.config.model import (
 from sidecar.upstream.retry import CONDITIONS as RETRY_CONDITIONS
 
 KNOWN_HTTP_FILTERS = {xdstypes.ROUTER}
+
+
+def unpack_any(anyv: any_pb2.Any, cls, where: str):
+    """Any → message, or a ConfigError naming where (bytes that do not decode must NACK, not
+    escape as DecodeError and end the xDS stream)."""
+    msg = cls()
+    try:
+        ok = anyv.Unpack(msg)
+    except DecodeError as exc:
+        raise ConfigError(where, f"cannot decode {anyv.type_url}: {exc}") from None
+    if not ok:
+        raise ConfigError(where, f"expected {cls.DESCRIPTOR.full_name}, got {anyv.type_url or 'nothing'}")
+    return msg
+
+
+def enum_name(enum_type, value: int, where: str) -> str:
+    """Proto3 enums are open: a newer control plane may send a number this build has no name for."""
+    try:
+        return enum_type.Name(value)
+    except ValueError:
+        raise ConfigError(where, f"unknown value {value}") from None
 
 
 def _only(msg, allowed: set[str], where: str) -> None:
@@ -222,11 +244,10 @@ def parse_listener(lst: listener_pb2.Listener) -> Listener:
     if nf.typed_config.type_url != xdstypes.HCM:
         raise ConfigError(where + ".filter_chains[0].filters[0]",
                           f"network filter {nf.typed_config.type_url or nf.name} is not supported (only HttpConnectionManager)")
-    hcm = hcm_pb2.HttpConnectionManager()
-    nf.typed_config.Unpack(hcm)
     hwhere = where + ".http_connection_manager"
+    hcm = unpack_any(nf.typed_config, hcm_pb2.HttpConnectionManager, hwhere)
     _only(hcm, {"codec_type", "stat_prefix", "rds", "route_config", "http_filters", "tracing"}, hwhere)
-    codec = hcm_pb2.HttpConnectionManager.CodecType.Name(hcm.codec_type)
+    codec = enum_name(hcm_pb2.HttpConnectionManager.CodecType, hcm.codec_type, hwhere + ".codec_type")
     protocol = {"HTTP2": "grpc", "HTTP1": "http", "AUTO": "http"}.get(codec)
     if protocol is None:
         raise ConfigError(hwhere + ".codec_type", f"{codec} is not supported (use HTTP1 or HTTP2)")
@@ -251,7 +272,7 @@ def parse_listener(lst: listener_pb2.Listener) -> Listener:
         table = inline.name
     else:
         raise ConfigError(hwhere, "needs rds or route_config")
-    direction = base_pb2.TrafficDirection.Name(lst.traffic_direction).lower()
+    direction = enum_name(base_pb2.TrafficDirection, lst.traffic_direction, where + ".traffic_direction").lower()
     tracing = parse_tracing(hcm.tracing, hwhere + ".tracing") if hcm.HasField("tracing") else None
     kinds = parse_grpc_methods(lst.metadata, where + ".metadata")
     return Listener(lst.name, sa.address, sa.port_value, protocol, direction, table, inline, tuple(filters),
@@ -269,10 +290,7 @@ def parse_grpc_methods(metadata, where: str) -> dict[str, str]:
     anyv = metadata.typed_filter_metadata.get(GRPC_METHODS_KEY)
     if anyv is None:
         return {}
-    msg = grpc_methods_pb2.GrpcMethods()
-    if not anyv.Unpack(msg):
-        raise ConfigError(f"{where}.typed_filter_metadata[{GRPC_METHODS_KEY}]",
-                          f"expected meshapi.v1.GrpcMethods, got {anyv.type_url}")
+    msg = unpack_any(anyv, grpc_methods_pb2.GrpcMethods, f"{where}.typed_filter_metadata[{GRPC_METHODS_KEY}]")
     return {path: _KIND_NAMES.get(kind, "bidi_stream") for path, kind in msg.methods.items()}
 
 
@@ -285,8 +303,7 @@ def parse_tracing(t, where: str) -> Tracing:
     if t.provider.typed_config.type_url != OTEL_TRACER:
         raise ConfigError(where + ".provider", f"tracer {t.provider.name or t.provider.typed_config.type_url} "
                           "is not supported (use envoy.tracers.opentelemetry)")
-    otel = opentelemetry_pb2.OpenTelemetryConfig()
-    t.provider.typed_config.Unpack(otel)
+    otel = unpack_any(t.provider.typed_config, opentelemetry_pb2.OpenTelemetryConfig, where + ".provider")
     target = otel.grpc_service.google_grpc.target_uri
     if not target:
         raise ConfigError(where + ".provider.grpc_service", "needs google_grpc.target_uri (the OTLP collector)")
@@ -324,10 +341,25 @@ def parse_endpoints(cla: endpoint_pb2.ClusterLoadAssignment, where: str) -> tupl
             labels = ()
             fm = lb.metadata.filter_metadata.get("protomesh")
             if fm is not None:
-                labels = tuple(sorted((k, str(v)) for k, v in fm.items()))
+                labels = _labels(fm, f"{where}.endpoints[{i}].lb_endpoints[{j}].metadata")
             out.append(Endpoint(sa.address, sa.port_value, max(weight, 1), labels, locality.priority,
                                 max(lw, 1)))
     return tuple(out)
+
+
+def _labels(struct, where: str) -> tuple[tuple[str, str], ...]:
+    out = []
+    for key, v in struct.fields.items():
+        kind = v.WhichOneof("kind")
+        if kind == "string_value":
+            out.append((key, v.string_value))
+        elif kind == "number_value":
+            out.append((key, f"{v.number_value:g}"))
+        elif kind == "bool_value":
+            out.append((key, "true" if v.bool_value else "false"))
+        else:
+            raise ConfigError(f"{where}.protomesh.{key}", f"label values must be strings, numbers or bools, not {kind or 'unset'}")
+    return tuple(sorted(out))
 
 
 def parse_cluster(c: cluster_pb2.Cluster) -> Cluster:
@@ -335,19 +367,19 @@ def parse_cluster(c: cluster_pb2.Cluster) -> Cluster:
     _only(c, {"name", "type", "eds_cluster_config", "load_assignment", "lb_policy", "connect_timeout",
               "typed_extension_protocol_options", "metadata", "circuit_breakers", "outlier_detection",
               "common_lb_config", "ring_hash_lb_config", "maglev_lb_config"}, where)
-    kind = cluster_pb2.Cluster.DiscoveryType.Name(c.type)
+    kind = enum_name(cluster_pb2.Cluster.DiscoveryType, c.type, where + ".type")
     if kind not in ("EDS", "STATIC"):
         raise ConfigError(where + ".type", f"{kind} is not supported (use EDS or STATIC)")
     if c.lb_policy not in _LB:
         raise ConfigError(where + ".lb_policy",
-                          f"{cluster_pb2.Cluster.LbPolicy.Name(c.lb_policy)} is not supported "
+                          f"{enum_name(cluster_pb2.Cluster.LbPolicy, c.lb_policy, where + '.lb_policy')} is not supported "
                           "(ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV)")
     http2 = False
     for key, anyv in c.typed_extension_protocol_options.items():
         if key != xdstypes.HTTP_PROTOCOL_OPTIONS_KEY:
             raise ConfigError(f"{where}.typed_extension_protocol_options[{key}]", "is not supported")
-        opts = http_protocol_options_pb2.HttpProtocolOptions()
-        anyv.Unpack(opts)
+        opts = unpack_any(anyv, http_protocol_options_pb2.HttpProtocolOptions,
+                          f"{where}.typed_extension_protocol_options[{key}]")
         http2 = opts.explicit_http_config.HasField("http2_protocol_options")
     static = ()
     if kind == "STATIC":
@@ -479,9 +511,7 @@ def parse_health_check(h, where: str) -> HealthCheck:
 def _unpack(any_msg: any_pb2.Any, cls, type_url: str):
     if any_msg.type_url != type_url:
         raise ConfigError(any_msg.type_url or "resource", f"expected {type_url}")
-    msg = cls()
-    any_msg.Unpack(msg)
-    return msg
+    return unpack_any(any_msg, cls, "resource")
 
 
 def parse_resources(type_url: str, resources: Iterable[any_pb2.Any]) -> dict:

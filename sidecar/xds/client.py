@@ -67,7 +67,7 @@ class XdsClient:
                     if type_url not in WILDCARD:
                         self.store.types[type_url].names = self.store.wanted_names()[type_url]
                     self.store.apply(type_url, version, resources)
-        except ConfigError as exc:
+        except Exception as exc:  # a corrupt or outdated file is no reason not to start
             log.warning("persisted config %s is unusable (%s); waiting for the control server",
                         self.last_good.path, exc)
             self.store = Store()
@@ -176,7 +176,8 @@ class XdsClient:
         try:
             self.store.apply_delta(type_url, resp.system_version_info, list(resp.resources),
                                    list(resp.removed_resources))
-        except ConfigError as exc:
+        except Exception as exc:  # ConfigError, or a parser bug: NACK either way, keep the stream
+            exc = _as_config_error(exc)
             state.error = str(exc)
             log.warning("NACK %s nonce %s: %s", xdstypes.SHORT[type_url], resp.nonce, exc)
             nack(str(exc))
@@ -227,7 +228,8 @@ class XdsClient:
         state.nonce = resp.nonce
         try:
             self.store.apply(type_url, resp.version_info, list(resp.resources))
-        except ConfigError as exc:
+        except Exception as exc:  # ConfigError, or a parser bug: NACK either way, keep the stream
+            exc = _as_config_error(exc)
             state.error = str(exc)
             log.warning("NACK %s version %s: %s", xdstypes.SHORT[type_url], resp.version_info, exc)
             outbox.put_nowait(self._nack(type_url, state.version, resp.nonce, state.names, str(exc)))
@@ -260,3 +262,12 @@ class XdsClient:
                                           "resources": sorted(s.parsed), "nack": s.error}
                       for t, s in self.store.types.items()},
         }
+
+
+def _as_config_error(exc: Exception) -> ConfigError:
+    """A resource the parser could not handle is still only a NACK: the stream, and the last
+    good config, survive a parser bug."""
+    if isinstance(exc, ConfigError):
+        return exc
+    log.exception("xDS resource parsing failed unexpectedly; NACKing it")
+    return ConfigError("resource", f"internal error while parsing: {exc!r}")
