@@ -26,8 +26,18 @@ class ControlOptions:
     admin: str = "0.0.0.0:15000"
     grace_s: float = 5.0
     warmup_s: float = 0.0
-    debounce_s: float = 0.05
+    debounce_s: float = 0.1
     watch_interval_s: float = 0.5
+
+
+def only_endpoints_differ(old, new) -> bool:
+    """True when two meshes differ at most in services' static endpoints — the common edit,
+    which then costs one EDS rebuild instead of rebuilding every node's whole view."""
+    if (old.gateway, old.telemetry, old.proto_paths) != (new.gateway, new.telemetry, new.proto_paths) \
+            or old.services.keys() != new.services.keys():
+        return False
+    return all(dataclasses.replace(old.services[n], endpoints=()) == dataclasses.replace(new.services[n], endpoints=())
+               for n in old.services)
 
 
 class ControlServer:
@@ -45,7 +55,11 @@ class ControlServer:
         self.started = time.time()
 
     def _on_mesh(self, mesh) -> None:
-        self.plane.changed(mesh)
+        if only_endpoints_differ(self.views.mesh, mesh):
+            self.views.mesh = mesh  # same listeners, routes and clusters: only EDS changes
+            self.plane.changed(endpoints_only=True)
+        else:
+            self.plane.changed(mesh)
 
     def ready(self) -> tuple[bool, str]:
         return (self.server is not None, "starting" if self.server is None else "")

@@ -54,7 +54,8 @@ class Stream:
 
 class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
                    csds_pb2_grpc.ClientStatusDiscoveryServiceServicer):
-    def __init__(self, views: Views, registry: Registry, debounce_s: float = 0.05, warmup_s: float = 0.0):
+    def __init__(self, views: Views, registry: Registry, debounce_s: float = 0.1, warmup_s: float = 0.0,
+                 max_delay_s: float = 1.0):
         """`warmup_s`: after a restart, nodes that come back with config (their first request
         carries a version) are answered only after this long.  Registrations live only in
         streams, so a restarted control server knows no endpoints until sidecars reconnect; the
@@ -66,6 +67,8 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
         self._warm_handle = None
         self.registry = registry
         self.debounce_s = debounce_s
+        self.max_delay_s = max_delay_s
+        self._first_unpushed: float | None = None
         self.streams: dict[int, Stream] = {}
         self.pushes = 0
         self.nacks = 0
@@ -73,15 +76,24 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
         self._expiry_task: asyncio.Task | None = None
 
     # ---- change propagation -------------------------------------------------------------------
-    def changed(self, mesh=None) -> None:
-        """Mesh or registrations changed: new generation, push after the debounce."""
-        self.views.invalidate(mesh)
-        if self._push_handle is None:
-            loop = asyncio.get_running_loop()
-            self._push_handle = loop.call_later(self.debounce_s, self._push_all)
+    def changed(self, mesh=None, endpoints_only: bool = False) -> None:
+        """Mesh or registrations changed: new generation, and one push once changes pause for
+        `debounce_s` — but no later than `max_delay_s` after the first unpushed change.  When a
+        thousand sidecars connect, each registration changes every node's endpoints; pushing
+        each one to everybody is N² responses (a push storm), coalescing makes it a few."""
+        self.views.invalidate(mesh, endpoints_only)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._first_unpushed is None:
+            self._first_unpushed = now
+        when = min(now + self.debounce_s, self._first_unpushed + self.max_delay_s)
+        if self._push_handle is not None:
+            self._push_handle.cancel()
+        self._push_handle = loop.call_at(when, self._push_all)
 
     def _push_all(self) -> None:
         self._push_handle = None
+        self._first_unpushed = None
         self._warm_handle = None
         for stream in list(self.streams.values()):
             self._kick(stream)
@@ -113,7 +125,7 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
             nxt = self.registry.next_expiry()
             await asyncio.sleep(0.5 if nxt is None else max(0.01, min(0.5, nxt - time.time())))
             if self.registry.expire(time.time()):
-                self.changed()
+                self.changed(endpoints_only=True)
 
     # ---- ADS ------------------------------------------------------------------------------------
     async def StreamAggregatedResources(self, request_iterator, context):
@@ -163,7 +175,7 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
                     log.warning("node %s registers service %r which mesh.yaml does not define; "
                                 "it gets config but no peer will route to it", reg.node_id, reg.service)
                 if self.registry.connect(reg):
-                    self.changed()
+                    self.changed(endpoints_only=True)
                 log.info("stream %d: node %s (%s %s) from %s", stream.id, reg.node_id, reg.role,
                          reg.service or "-", stream.peer)
             error = req.error_detail.message if req.HasField("error_detail") else None

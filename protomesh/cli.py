@@ -37,7 +37,8 @@ def cmd_control(args) -> int:
 
     try:
         server = ControlServer(ControlOptions(mesh=args.mesh, xds=args.xds, admin=args.admin,
-                                              grace_s=args.grace, warmup_s=args.warmup))
+                                              grace_s=args.grace, warmup_s=args.warmup,
+                                              watch_interval_s=args.watch_interval))
     except MeshError as exc:
         print(f"protomesh control: {exc}", file=sys.stderr)
         return 2
@@ -135,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--warmup", type=float, default=5.0,
                    help="after a restart, seconds before answering sidecars that already have config, "
                         "so every reconnecting sidecar re-registers first (new sidecars are answered at once)")
+    c.add_argument("--watch-interval", type=float, default=0.5,
+                   help="seconds between checks of mesh.yaml and its protos for edits")
     c.set_defaults(func=cmd_control)
 
     s = sub.add_parser("sidecar", help="run a sidecar (or, with --gateway, the edge gateway)")
