@@ -72,10 +72,7 @@ def gateway_view(mesh: Mesh, endpoints: dict, clusters: dict, overrides=()) -> d
     gw = mesh.gateway
     moved = dict(overrides)
     if gw is not None:
-        by_protocol: dict[str, list] = {"http": [], "grpc": []}
-        for r in gw.routes:
-            svc = mesh.services[r.split[0][0]]
-            by_protocol[svc.protocol].append(build.gateway_route(r, svc.timeout_s))
+        by_protocol = pm.gateway_routes(mesh)  # the same routes and policies as our gateway
         trace = build.tracing(mesh.telemetry, "envoy.gateway")
         for protocol, addr, name in (("http", gw.http, pm.GATEWAY_HTTP), ("grpc", gw.grpc, pm.GATEWAY_GRPC)):
             addr = moved.get(name, addr)

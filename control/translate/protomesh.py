@@ -89,17 +89,24 @@ def outbound_grpc_routes(mesh: Mesh):
     return build.route_config(OUTBOUND_GRPC, [build.vhost("grpc", ["*"], routes)])
 
 
+def gateway_routes(mesh: Mesh) -> dict[str, list]:
+    """mesh.yaml's gateway routes by the protocol of their target, with the target service's
+    retry and hash policies (a split's targets may differ in policy: none is applied)."""
+    by_protocol: dict[str, list] = {"http": [], "grpc": []}
+    for r in mesh.gateway.routes:
+        svc = mesh.services[r.split[0][0]]
+        route = build.gateway_route(r, svc.timeout_s)
+        if len(r.split) == 1:
+            build.apply_traffic_route(route, svc.traffic, svc.protocol == "http")
+        by_protocol[svc.protocol].append(route)
+    return by_protocol
+
+
 def gateway_view(mesh: Mesh, endpoints: dict, clusters: dict) -> dict[str, dict]:
     listeners, routes = {}, {}
     gw = mesh.gateway
     if gw is not None:
-        by_protocol: dict[str, list] = {"http": [], "grpc": []}
-        for r in gw.routes:
-            svc = mesh.services[r.split[0][0]]
-            route = build.gateway_route(r, svc.timeout_s)
-            if len(r.split) == 1:  # a split's targets may differ in policy: none is applied
-                build.apply_traffic_route(route, svc.traffic, svc.protocol == "http")
-            by_protocol[svc.protocol].append(route)
+        by_protocol = gateway_routes(mesh)
         for protocol, addr, name in (("http", gw.http, GATEWAY_HTTP), ("grpc", gw.grpc, GATEWAY_GRPC)):
             if addr is None:
                 continue
