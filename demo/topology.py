@@ -12,7 +12,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from protomesh.launch import Launcher, Proc, free_port, http_ok, wait_until
+from protomesh.launch import Launcher, Proc, free_port, http_ok, tcp_open, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOLS = {"users": "grpc", "orders": "grpc", "products": "http"}
@@ -169,7 +169,12 @@ class Topology:
         return self.gateway
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Every app listening and every sidecar ready (a sidecar's readiness says nothing about
+        its app, as in Kubernetes, where the app has its own probe)."""
         for inst in self.instances:
+            if inst.app is not None:
+                wait_until(lambda: tcp_open("127.0.0.1", inst.app_port), timeout_s,
+                           f"{inst.replica} to listen on {inst.app_port}", proc=inst.app)
             wait_until(lambda: http_ok(inst.admin_url + "/ready"), timeout_s,
                        f"sidecar of {inst.replica} to be ready", proc=inst.sidecar)
         if self.gateway is not None:
