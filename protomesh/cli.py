@@ -4,15 +4,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 
 def _loop_run(coro_factory) -> int:
-    try:
-        import uvloop
-        uvloop.install()
-    except ImportError:  # the data path works on the default loop too, only slower
-        pass
+    """uvloop unless PROTOMESH_EVENT_LOOP=asyncio (the data path works on both; the choice is
+    measured in bench/, not guessed)."""
+    if os.environ.get("PROTOMESH_EVENT_LOOP", "uvloop") != "asyncio":
+        try:
+            import uvloop
+            uvloop.install()
+        except ImportError:
+            pass
     return asyncio.run(coro_factory())
 
 
