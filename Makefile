@@ -74,3 +74,12 @@ FUZZ_EXAMPLES ?= 5000
 .PHONY: fuzz
 fuzz: venv
 	PROTOMESH_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/fuzz -q -p no:cacheprovider -o timeout=0 $(PYTEST_ARGS)
+
+# Soak: the demo mesh under steady mixed load (HTTP + gRPC through the gateway) for SOAK_SECONDS,
+# sampling every sidecar's open fds and RSS every 10 s; prints the table and a flat/growing
+# verdict (last sample vs the one at 60 s).  Not part of `make test`.
+SOAK_SECONDS ?= 300
+SOAK_ARGS ?=
+.PHONY: soak
+soak: venv
+	$(BIN)/python -m bench.soak --seconds $(SOAK_SECONDS) $(SOAK_ARGS)

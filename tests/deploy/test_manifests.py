@@ -27,7 +27,9 @@ JAEGER_IMAGE = re.compile(r"^jaegertracing/all-in-one(:[\w.-]+)?$")
 ALLOWED = {
     "control": {"--mesh", "--xds", "--admin"},
     "sidecar": {"--service", "--app", "--control", "--inbound", "--outbound-http", "--outbound-grpc",
-                "--admin", "--otlp", "--gateway", "--advertise", "--state-dir"},
+                "--admin", "--otlp", "--gateway", "--advertise", "--state-dir", "--drain-delay",
+                "--drain-timeout", "--access-log"},
+    "run": {"--ready-timeout", "--stop-timeout"},
     "service": {"--listen", "--replica", "--otlp"},
     "service orders": {"--listen", "--replica", "--otlp", "--users", "--products"},
 }
@@ -36,6 +38,7 @@ REQUIRED = {
     "sidecar": {"--service", "--app", "--control"},
     "gateway": {"--gateway", "--control", "--admin"},
     "service": {"--listen", "--replica"},
+    "run": {"--service", "--app", "--control", "--admin"},
 }
 
 
@@ -79,6 +82,17 @@ def check_command(args: list[str], where: str) -> dict[str, str | None]:
         required = REQUIRED["gateway" if "--gateway" in flags else "sidecar"]
     elif sub == "control":
         allowed, required = ALLOWED["control"], REQUIRED["control"]
+    elif sub == "run":
+        # protomesh run [run flags] <sidecar flags> -- <app command…>
+        assert "--" in args and args.index("--") < len(args) - 1, f"{where}: run needs -- <app command>"
+        ours = args[1:args.index("--")]
+        flags = _flags(ours)
+        allowed, required = ALLOWED["run"] | ALLOWED["sidecar"], REQUIRED["run"]
+        admin_port = _hostport(flags.get("--admin") or "", f"{where} --admin")[1]
+        assert admin_port != 0, f"{where}: protomesh run polls /ready on --admin: it needs a fixed port"
+        from protomesh.run import parse
+        opts = parse(ours + ["--", *args[args.index("--") + 1:]])  # the run command's own parser
+        assert opts.app_argv == args[args.index("--") + 1:]
     else:
         pytest.fail(f"{where}: unknown protomesh subcommand {sub!r}")
     assert set(flags) <= allowed, f"{where}: flags not in the CLI: {sorted(set(flags) - allowed)}"
@@ -131,10 +145,15 @@ def test_k8s_manifest_is_valid_strict(path, index, doc):
         pytest.fail(f"{path.name} document {index} ({doc.get('kind')}): {where}: {exc.message}")
 
 
-def _pod_specs():
+def _pod_specs(kinds=("Deployment", "Job")):
     for path, _, doc in K8S_DOCS:
-        if doc["kind"] == "Deployment":
+        if doc["kind"] in kinds:
             yield path, doc
+
+
+def _containers(pod: dict) -> list[dict]:
+    """Main containers and init containers (native sidecars are init containers)."""
+    return list(pod.get("initContainers", [])) + list(pod["containers"])
 
 
 def test_k8s_references_resolve():
@@ -143,18 +162,19 @@ def test_k8s_references_resolve():
     for path, dep in _pod_specs():
         spec, name = dep["spec"], dep["metadata"]["name"]
         labels = spec["template"]["metadata"]["labels"]
-        assert spec["selector"]["matchLabels"].items() <= labels.items(), f"{name}: selector does not match pod labels"
+        if "selector" in spec:  # a Job's selector is generated
+            assert spec["selector"]["matchLabels"].items() <= labels.items(), f"{name}: selector does not match pod labels"
         pod = spec["template"]["spec"]
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
         port_names = set()
-        for c in pod["containers"]:
+        for c in _containers(pod):
             where = f"{path.name} {name}/{c['name']}"
             assert c["image"] == IMAGE, f"{where}: image {c['image']!r}"
             assert "command" not in c, f"{where}: keep the image ENTRYPOINT (protomesh); use args"
             check_command(c["args"], where)
             names = {p["name"] for p in c.get("ports", [])}
-            port_names |= names
-            for probe in ("readinessProbe", "livenessProbe"):
+            port_names |= names | {p["containerPort"] for p in c.get("ports", [])}
+            for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
                 if probe in c:
                     assert c[probe]["httpGet"]["port"] in names, f"{where}: {probe} uses an unknown port"
             for m in c.get("volumeMounts", []):
@@ -169,24 +189,54 @@ def test_k8s_references_resolve():
         matches = [ports for labels, ports in pod_labels if svc["spec"]["selector"].items() <= labels.items()]
         assert matches, f"Service {svc['metadata']['name']} selects no pods"
         for p in svc["spec"]["ports"]:
-            assert p["targetPort"] in matches[0], f"Service {svc['metadata']['name']}: unknown targetPort {p['targetPort']}"
+            assert p["targetPort"] in matches[0], \
+                f"Service {svc['metadata']['name']}: targetPort {p['targetPort']} is no container's port"
 
 
-def test_users_pod_has_app_and_sidecar_with_admin_probes():
+def test_users_pod_has_app_and_native_sidecar_with_admin_probes():
+    """The app starts only once the sidecar is ready: the sidecar is a native sidecar (an init
+    container with restartPolicy Always) whose startupProbe is /ready on its admin port."""
     dep = next(d for _, d in _pod_specs() if d["metadata"]["name"] == "users")
-    containers = {c["name"]: c for c in dep["spec"]["template"]["spec"]["containers"]}
-    assert set(containers) == {"users", "sidecar"}
-    app, sidecar = containers["users"], containers["sidecar"]
+    pod = dep["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["users"]
+    inits = {c["name"]: c for c in pod.get("initContainers", [])}
+    assert set(inits) == {"sidecar"}
+    app, sidecar = pod["containers"][0], inits["sidecar"]
+    assert sidecar.get("restartPolicy") == "Always", "the sidecar must be a native sidecar container"
     assert app["args"][:2] == ["service", "users"]
     flags = _flags(sidecar["args"][1:])
     assert sidecar["args"][0] == "sidecar" and flags["--service"] == "users"
     assert flags["--app"] == _flags(app["args"][2:])["--listen"], "sidecar --app must be the app's --listen"
     admin_port = _hostport(flags.get("--admin") or "0.0.0.0:15000", "sidecar --admin")[1]
     ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
-    for probe, path in (("readinessProbe", "/ready"), ("livenessProbe", "/healthz")):
+    for probe, path in (("startupProbe", "/ready"), ("readinessProbe", "/ready"), ("livenessProbe", "/healthz")):
         get = sidecar[probe]["httpGet"]
-        assert get["path"] == path
+        assert get["path"] == path, probe
         assert ports[get["port"]] == admin_port, f"{probe} must hit the sidecar admin port"
+    startup = sidecar["startupProbe"]
+    assert startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3) >= 30, \
+        "give the sidecar time to reach the control server before the kubelet restarts it"
+    drain = float(flags.get("--drain-delay") or 0) + float(flags.get("--drain-timeout") or 10)
+    assert drain < pod.get("terminationGracePeriodSeconds", 30), "the drain must fit the grace period"
+
+
+def test_job_runs_its_app_under_protomesh_run():
+    """A Job completes with its app: `protomesh run` starts the app after /ready and exits with
+    the app's code after draining the sidecar, so no container is left running."""
+    jobs = [d for _, d in _pod_specs(("Job",))]
+    assert jobs, "deploy/k8s has no Job example"
+    for job in jobs:
+        pod = job["spec"]["template"]["spec"]
+        assert pod["restartPolicy"] in ("Never", "OnFailure")
+        assert not any(c.get("restartPolicy") == "Always" for c in pod.get("initContainers", [])), \
+            "use protomesh run (one container) here, not a native sidecar"
+        (c,) = pod["containers"]
+        assert c["args"][0] == "run"
+        app = c["args"][c["args"].index("--") + 1:]
+        assert app, "the app command follows --"
+        run_flags = _flags(c["args"][1:c["args"].index("--")])
+        grace = float(run_flags.get("--stop-timeout") or 30) + float(run_flags.get("--drain-timeout") or 10)
+        assert grace <= pod.get("terminationGracePeriodSeconds", 30) + 10
 
 
 def test_configmap_carries_the_same_mesh_yaml():
