@@ -15,7 +15,7 @@ import yaml
 
 from control.errors import MeshError
 
-PROTOCOLS = ("grpc", "http")
+PROTOCOLS = ("grpc", "http", "tcp")
 LB_POLICIES = ("round_robin", "least_request", "random", "ring_hash", "maglev")
 RETRY_ON = ("5xx", "gateway-error", "reset", "connect-failure", "retriable-status-codes", "refused-stream",
             "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable")
@@ -36,6 +36,9 @@ class GrpcService:
     full_name: str  # e.g. demo.users.v1.Users
     methods: tuple[GrpcMethod, ...]
     file: str
+    # The compiled FileDescriptorSet (with imports and source info) this service came from:
+    # transcoding, reflection and per-rpc policy read it.  Empty when protos were not compiled.
+    descriptor_set: bytes = field(default=b"", compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,48 @@ class Traffic:
     panic_threshold: float | None = None
     ring_hash: tuple[tuple[str, object], ...] = ()  # minimum_ring_size, maximum_ring_size, hash_function
     maglev_table_size: int | None = None
+    health_check: "HealthCheckSpec | None" = None
+    fault: "FaultSpec | None" = None
+    mirrors: tuple["MirrorSpec", ...] = ()
+
+
+@dataclass(frozen=True)
+class HealthCheckSpec:
+    """services.<name>.health_check → Envoy Cluster.health_checks[0]."""
+
+    kind: str  # http | grpc | tcp
+    interval_s: float = 5.0
+    timeout_s: float = 1.0
+    unhealthy_threshold: int = 3
+    healthy_threshold: int = 1
+    interval_jitter_s: float = 0.0
+    interval_jitter_percent: int = 0
+    initial_jitter_s: float = 0.0
+    path: str = "/healthz"
+    host: str = ""
+    expected_statuses: tuple[tuple[int, int], ...] = ((200, 201),)  # [start, end)
+    service_name: str = ""
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """services.<name>.fault → Envoy's HTTPFault on every route to the service."""
+
+    delay_s: float | None = None
+    delay_percent: float = 100.0
+    header_delay: bool = False
+    abort_status: int | None = None  # HTTP status
+    abort_grpc_status: int | None = None
+    abort_percent: float = 100.0
+    header_abort: bool = False
+
+
+@dataclass(frozen=True)
+class MirrorSpec:
+    """services.<name>.mirror → RouteAction.request_mirror_policies entry."""
+
+    to: str
+    percent: float = 100.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +120,8 @@ class Service:
     protos: tuple[str, ...] = ()
     grpc_services: tuple[GrpcService, ...] = ()
     traffic: Traffic = Traffic()
+    # services.<name>.methods: ((rpc or "*", ((dotted field, options.Value), ...)), ...)
+    method_overrides: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -102,6 +149,18 @@ class Gateway:
     http: tuple[str, int] | None
     grpc: tuple[str, int] | None
     routes: tuple[GatewayRoute, ...]
+    tcp: tuple["TcpRoute", ...] = ()
+
+
+@dataclass(frozen=True)
+class TcpRoute:
+    """gateway.tcp[] → a listener with Envoy's TcpProxy network filter to one `protocol: tcp` service."""
+
+    name: str
+    listen: tuple[str, int]
+    to: str
+    idle_timeout_s: float | None = 3600.0
+    connect_attempts: int = 3
 
 
 @dataclass(frozen=True)
@@ -192,6 +251,7 @@ def parse_mesh(doc: dict, file: str, base: Path, compile_protos=None) -> Mesh:
         services[name] = _parse_service(str(name), _mapping(sdoc, file, f"services.{name}"), file,
                                         base, proto_paths, compile_protos)
     _check_grpc_services_unique(services, file)
+    _check_mirrors(services, file)
     mesh = Mesh(file, services, None, _parse_telemetry(doc.get("telemetry"), file), proto_paths)
     gateway = _parse_gateway(doc.get("gateway"), file, mesh) if doc.get("gateway") is not None else None
     return Mesh(file, services, gateway, mesh.telemetry, proto_paths)
@@ -200,7 +260,8 @@ def parse_mesh(doc: dict, file: str, base: Path, compile_protos=None) -> Mesh:
 def _parse_service(name: str, d: dict, file: str, base: Path, proto_paths, compile_protos) -> Service:
     where = f"services.{name}"
     _known(d, {"protocol", "lb", "timeout", "connect_timeout", "endpoints", "proto", "retries", "outlier_detection",
-               "circuit_breakers", "hash", "panic_threshold", "ring_hash", "maglev"}, file, where)
+               "circuit_breakers", "hash", "panic_threshold", "ring_hash", "maglev", "methods",
+               "health_check", "fault", "mirror"}, file, where)
     if not _NAME.match(name):
         raise MeshError(file, where, f"service name {name!r} is not a DNS label",
                         "use lower case letters, digits and '-'")
@@ -237,7 +298,28 @@ def _parse_service(name: str, d: dict, file: str, base: Path, proto_paths, compi
         raise MeshError(file, f"{where}.proto", "a grpc service needs its .proto",
                         "add proto: path/to/service.proto (relative to proto_paths)")
     traffic = _parse_traffic(d, lb, file, where)
-    return Service(name, protocol, lb, timeout or None, connect, endpoints, tuple(protos), grpc_services, traffic)
+    overrides = _parse_method_overrides(d.get("methods"), grpc_services, file, where)
+    return Service(name, protocol, lb, timeout or None, connect, endpoints, tuple(protos), grpc_services, traffic,
+                   overrides)
+
+
+def _parse_method_overrides(value, grpc_services, file: str, where: str) -> tuple:
+    """services.<name>.methods: { <Rpc or "*">: { timeout: 2s, rate_limit: {...}, ... } } — explicit
+    per-rpc overrides of the policy declared in the .proto (see control/sources/options.py)."""
+    from control.sources.options import Value, flatten_override
+    d = _mapping(value, file, f"{where}.methods")
+    if d and not grpc_services:
+        raise MeshError(file, f"{where}.methods", "only grpc services have rpcs", "remove methods")
+    known = {m.name for g in grpc_services for m in g.methods}
+    out = []
+    for rpc, spec in d.items():
+        rpc = str(rpc)
+        w = f"{where}.methods.{rpc}"
+        if rpc != "*" and rpc not in known:
+            raise MeshError(file, w, f"no rpc {rpc!r} in this service", f"use \"*\" or one of: {', '.join(sorted(known))}")
+        flat = flatten_override(_mapping(spec, file, w), file, w, parse_duration)
+        out.append((rpc, tuple((k, Value(v, f"mesh.yaml {w}.{k}")) for k, v in sorted(flat.items()))))
+    return tuple(out)
 
 
 _OUTLIER_COUNTS = ("consecutive_5xx", "consecutive_gateway_failure", "max_ejection_percent",
@@ -316,7 +398,131 @@ def _parse_traffic(d: dict, lb: str, file: str, where: str) -> Traffic:
     maglev = _mapping(d.get("maglev"), file, f"{where}.maglev")
     _known(maglev, {"table_size"}, file, f"{where}.maglev")
     return Traffic(retries, tuple(outlier), breakers, tuple(hashes), panic, tuple(ring.items()),
-                   maglev.get("table_size"))
+                   maglev.get("table_size"), _parse_health_check(d.get("health_check"), file, where),
+                   _parse_fault(d.get("fault"), file, where), _parse_mirrors(d.get("mirror"), file, where))
+
+
+def _percent(v, file: str, where: str) -> float:
+    return float(_count(v, file, where, 100))
+
+
+def _parse_health_check(value, file: str, where: str) -> HealthCheckSpec | None:
+    if value is None:
+        return None
+    w = f"{where}.health_check"
+    d = _mapping(value, file, w)
+    kinds = ("http", "grpc", "tcp")
+    _known(d, set(kinds) | {"interval", "timeout", "unhealthy_threshold", "healthy_threshold",
+                            "interval_jitter", "interval_jitter_percent", "initial_jitter"}, file, w)
+    chosen = [k for k in kinds if k in d]
+    if len(chosen) != 1:
+        raise MeshError(file, w, "needs exactly one of http, grpc, tcp",
+                        "e.g. health_check: { http: { path: /healthz }, interval: 5s }")
+    kind = chosen[0]
+    spec = _mapping(d[kind], file, f"{w}.{kind}")
+    extra: dict = {}
+    if kind == "http":
+        _known(spec, {"path", "host", "expected_statuses"}, file, f"{w}.http")
+        path = str(spec.get("path", "/healthz"))
+        if not path.startswith("/"):
+            raise MeshError(file, f"{w}.http.path", f"{path!r} must start with /", f"write /{path}")
+        ranges = []
+        for i, s in enumerate(spec.get("expected_statuses") or [200]):
+            if isinstance(s, int) and not isinstance(s, bool) and 100 <= s < 600:
+                ranges.append((s, s + 1))
+            elif isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) for x in s) and 100 <= s[0] <= s[1] < 600:
+                ranges.append((s[0], s[1] + 1))
+            else:
+                raise MeshError(file, f"{w}.http.expected_statuses[{i}]", f"{s!r} is not a status or [first, last]",
+                                "e.g. expected_statuses: [200, [200, 299]]")
+        extra = {"path": path, "host": str(spec.get("host", "")), "expected_statuses": tuple(ranges)}
+    elif kind == "grpc":
+        _known(spec, {"service_name"}, file, f"{w}.grpc")
+        extra = {"service_name": str(spec.get("service_name", ""))}
+    else:
+        _known(spec, set(), file, f"{w}.tcp")
+
+    def dur(key, default):
+        return parse_duration(d[key], file, f"{w}.{key}") if key in d else default
+
+    def count(key, default, top=None):
+        return int(_count(d[key], file, f"{w}.{key}", top)) if key in d else default
+    interval, timeout = dur("interval", 5.0), dur("timeout", 1.0)
+    if interval <= 0 or timeout <= 0:
+        raise MeshError(file, w, "interval and timeout must be > 0", "e.g. interval: 5s, timeout: 1s")
+    return HealthCheckSpec(kind, interval, timeout, max(count("unhealthy_threshold", 3), 1),
+                           max(count("healthy_threshold", 1), 1), dur("interval_jitter", 0.0),
+                           count("interval_jitter_percent", 0, 100), dur("initial_jitter", 0.0), **extra)
+
+
+def _parse_fault(value, file: str, where: str) -> FaultSpec | None:
+    if value is None:
+        return None
+    w = f"{where}.fault"
+    d = _mapping(value, file, w)
+    _known(d, {"delay", "abort"}, file, w)
+    if not d:
+        raise MeshError(file, w, "needs delay or abort", "e.g. fault: { abort: { status: 503, percent: 5 } }")
+    kw: dict = {}
+    if d.get("delay") is not None:
+        dd = _mapping(d["delay"], file, f"{w}.delay")
+        _known(dd, {"fixed", "percent", "header"}, file, f"{w}.delay")
+        if ("fixed" in dd) == bool(dd.get("header")):
+            raise MeshError(file, f"{w}.delay", "needs exactly one of fixed or header: true",
+                            "e.g. delay: { fixed: 100ms, percent: 10 }")
+        if "fixed" in dd:
+            kw["delay_s"] = parse_duration(dd["fixed"], file, f"{w}.delay.fixed")
+        kw["header_delay"] = bool(dd.get("header"))
+        kw["delay_percent"] = _percent(dd.get("percent", 100), file, f"{w}.delay.percent")
+    if d.get("abort") is not None:
+        ad = _mapping(d["abort"], file, f"{w}.abort")
+        _known(ad, {"status", "grpc_status", "percent", "header"}, file, f"{w}.abort")
+        given = [k for k in ("status", "grpc_status") if k in ad] + (["header"] if ad.get("header") else [])
+        if len(given) != 1:
+            raise MeshError(file, f"{w}.abort", "needs exactly one of status, grpc_status or header: true",
+                            "e.g. abort: { status: 503, percent: 5 }")
+        status = ad.get("status")
+        if status is not None and (not isinstance(status, int) or not 200 <= status < 600):
+            raise MeshError(file, f"{w}.abort.status", f"{status!r} is not an HTTP status in [200, 600)")
+        gstatus = ad.get("grpc_status")
+        if gstatus is not None and (not isinstance(gstatus, int) or not 0 < gstatus <= 16):
+            raise MeshError(file, f"{w}.abort.grpc_status", f"{gstatus!r} is not a gRPC status code 1..16")
+        kw.update(abort_status=status, abort_grpc_status=gstatus, header_abort=bool(ad.get("header")),
+                  abort_percent=_percent(ad.get("percent", 100), file, f"{w}.abort.percent"))
+    return FaultSpec(**kw)
+
+
+def _parse_mirrors(value, file: str, where: str) -> tuple[MirrorSpec, ...]:
+    if value is None:
+        return ()
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for i, item in enumerate(items):
+        w = f"{where}.mirror" + (f"[{i}]" if isinstance(value, list) else "")
+        m = _mapping(item, file, w)
+        _known(m, {"to", "percent"}, file, w)
+        if not isinstance(m.get("to"), str):
+            raise MeshError(file, f"{w}.to", "names the service that receives the copies", "e.g. mirror: { to: users-shadow, percent: 10 }")
+        out.append(MirrorSpec(m["to"], _percent(m.get("percent", 100), file, f"{w}.percent")))
+    return tuple(out)
+
+
+def _check_mirrors(services: dict[str, Service], file: str) -> None:
+    for s in services.values():
+        if s.protocol == "tcp":
+            t = s.traffic
+            for key, value in (("retries", t.retries), ("hash", t.hash), ("fault", t.fault), ("mirror", t.mirrors)):
+                if value:
+                    raise MeshError(file, f"services.{s.name}.{key}", "is HTTP/gRPC policy; a tcp service has none",
+                                    f"remove {key}")
+        for i, m in enumerate(s.traffic.mirrors):
+            target = services.get(m.to)
+            where = f"services.{s.name}.mirror" + (f"[{i}]" if len(s.traffic.mirrors) > 1 else "") + ".to"
+            if target is None:
+                raise MeshError(file, where, f"unknown service {m.to!r}", f"use one of: {', '.join(sorted(services))}")
+            if target.protocol != s.protocol or m.to == s.name:
+                raise MeshError(file, where, f"{m.to!r} cannot shadow {s.name}",
+                                "mirror to another service of the same protocol")
 
 
 def _check_grpc_services_unique(services: dict[str, Service], file: str) -> None:
@@ -341,17 +547,43 @@ def _parse_telemetry(value, file: str) -> Telemetry:
 
 def _parse_gateway(value, file: str, mesh: Mesh) -> Gateway:
     d = _mapping(value, file, "gateway")
-    _known(d, {"http", "grpc", "routes"}, file, "gateway")
+    _known(d, {"http", "grpc", "routes", "tcp"}, file, "gateway")
     http = parse_address(d["http"], file, "gateway.http") if d.get("http") else None
     grpc = parse_address(d["grpc"], file, "gateway.grpc") if d.get("grpc") else None
-    if http is None and grpc is None:
-        raise MeshError(file, "gateway", "needs an http or grpc listen address", "add http: 0.0.0.0:8080")
+    tcp = _parse_tcp_routes(d.get("tcp"), file, mesh)
+    if http is None and grpc is None and not tcp:
+        raise MeshError(file, "gateway", "needs an http, grpc or tcp listen address", "add http: 0.0.0.0:8080")
     routes_doc = d.get("routes") or []
     if not isinstance(routes_doc, list):
         raise MeshError(file, "gateway.routes", "must be a list")
     routes = tuple(_parse_route(_mapping(r, file, f"gateway.routes[{i}]"), i, file, mesh)
                    for i, r in enumerate(routes_doc))
-    return Gateway(http, grpc, routes)
+    for r in routes:
+        for target, _ in r.split:
+            if mesh.services[target].protocol == "tcp":
+                raise MeshError(file, f"gateway.routes[{routes.index(r)}]", f"{target} is a tcp service",
+                                "reach tcp services through gateway.tcp")
+    return Gateway(http, grpc, routes, tcp)
+
+
+def _parse_tcp_routes(value, file: str, mesh: Mesh) -> tuple[TcpRoute, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise MeshError(file, "gateway.tcp", "must be a list", "e.g. tcp: [ { listen: 0.0.0.0:6379, to: cache } ]")
+    out = []
+    for i, item in enumerate(value):
+        w = f"gateway.tcp[{i}]"
+        t = _mapping(item, file, w)
+        _known(t, {"name", "listen", "to", "idle_timeout", "connect_attempts"}, file, w)
+        to = _service_ref(t.get("to"), file, f"{w}.to", mesh)
+        if mesh.services[to].protocol != "tcp":
+            raise MeshError(file, f"{w}.to", f"{to} is not a tcp service", "set protocol: tcp on it")
+        idle = parse_duration(t["idle_timeout"], file, f"{w}.idle_timeout") if "idle_timeout" in t else 3600.0
+        attempts = int(_count(t.get("connect_attempts", 3), file, f"{w}.connect_attempts", 10))
+        out.append(TcpRoute(str(t.get("name") or f"gateway_tcp_{i}"),
+                            parse_address(t.get("listen"), file, f"{w}.listen"), to, idle or None, max(attempts, 1)))
+    return tuple(out)
 
 
 def _parse_route(d: dict, i: int, file: str, mesh: Mesh) -> GatewayRoute:

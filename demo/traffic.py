@@ -1,4 +1,5 @@
-"""Real traffic through the gateway: HTTP and all four gRPC call kinds, each call its own trace.
+"""Real traffic through the gateway: HTTP, HTTP/JSON transcoded to gRPC (unary, a JSON body, an
+NDJSON stream) and all four gRPC call kinds, each call its own trace.
 
 Every call is wrapped in a client span of the `demo-client` service, so the summary can name the
 trace id of each request and the trace shows the whole path from the first hop.
@@ -6,6 +7,7 @@ trace id of each request and the trace shows the whole path from the first hop.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -75,10 +77,13 @@ class Driver:
             async def one(i: int):
                 async with sem:
                     await self.product(http, i)
+                    await self.json_get_user(http, i)
+                    await self.json_create_order(http, i)
                     await self.get_user(users, i)
                     await self.create_order(orders, i)
                     if i % 5 == 0:
                         await self.list_users(users)
+                        await self.json_list_users(http)
                         await self.create_users(users, i)
                         await self.chat(users, i)
             await asyncio.gather(*(one(i) for i in range(rounds)))
@@ -96,6 +101,39 @@ class Driver:
                                      resp.headers.get("x-served-by", ""), _trace_id())
             except aiohttp.ClientError as exc:
                 self.results.add("HTTP GET /v1/products/{id}", type(exc).__name__, started, "", _trace_id())
+
+    async def _json(self, http, route: str, method: str, path: str, served_by, body=None, accept: str = "") -> None:
+        """HTTP/JSON through the gateway's transcoder (google.api.http rules of the protos)."""
+        with _span(self.tracer, route):
+            headers: dict = {"accept": accept} if accept else {}
+            inject(headers)
+            started = time.perf_counter()
+            try:
+                async with http.request(method, f"{self.http_base}{path}", json=body, headers=headers) as resp:
+                    raw = await resp.read()
+                    who = ""
+                    if resp.status == 200:
+                        try:
+                            who = served_by(raw)
+                        except (ValueError, KeyError, IndexError):
+                            who = ""
+                    self.results.add(route, resp.status, started, who, _trace_id())
+            except aiohttp.ClientError as exc:
+                self.results.add(route, type(exc).__name__, started, "", _trace_id())
+
+    async def json_get_user(self, http, i: int) -> None:
+        uid = "42" if i % 25 == 7 else str(i % 5 + 1)  # an unknown id now and then: a transcoded 404
+        await self._json(http, "JSON GET /v1/users/{id} (→ gRPC)", "GET", f"/v1/users/{uid}",
+                         lambda raw: json.loads(raw)["servedBy"])
+
+    async def json_create_order(self, http, i: int) -> None:
+        body = {"userId": str(i % 5 + 1), "productId": f"p{i % 3 + 1}", "quantity": 1 + i % 2}
+        await self._json(http, "JSON POST /v1/orders (→ gRPC)", "POST", "/v1/orders",
+                         lambda raw: json.loads(raw)["servedBy"], body=body)
+
+    async def json_list_users(self, http) -> None:
+        await self._json(http, "JSON GET /v1/users (NDJSON stream)", "GET", "/v1/users?pageSize=5",
+                         lambda raw: json.loads(raw.splitlines()[0])["servedBy"], accept="application/x-ndjson")
 
     async def _grpc(self, route: str, call, served_by):
         with _span(self.tracer, route):

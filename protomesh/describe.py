@@ -8,7 +8,7 @@ import sys
 
 from control.errors import MeshError
 from control.model import load_mesh
-from control.sources.options import FIELDS, Value, rpc_policies
+from control.sources.options import FIELDS, Value, declared, rpc_policies
 from control.sources.protos import compile_descriptor_set
 
 KINDS = {(False, False): "unary", (False, True): "server streaming", (True, False): "client streaming",
@@ -25,8 +25,11 @@ def effective(mesh_path: str, target: str) -> dict:
         raise MeshError(mesh_path, f"services.{service}", "is an http service: it has no rpcs to describe")
     fds = compile_descriptor_set(list(svc.protos), mesh.proto_paths, mesh_path)
     mesh_defaults = {"timeout": Value(svc.timeout_s, f"mesh.yaml services.{service}.timeout (or its default)")}
-    overrides = getattr(svc, "method_overrides", None) or {}
+    overrides = {rpc: dict(values) for rpc, values in svc.method_overrides}
     policies = rpc_policies(fds, [g.full_name for g in svc.grpc_services], mesh_defaults, overrides)
+    for pol in policies.values():  # what the routes carry: a stream is not cut unless declared
+        if (pol.client_streaming or pol.server_streaming) and not declared(pol.values.get("timeout")):
+            pol.values["timeout"] = Value(None, "streams get no route timeout unless the proto or methods sets one")
     if rpc:
         policies = {p: v for p, v in policies.items() if p.rsplit("/", 1)[1] == rpc}
         if not policies:
@@ -49,6 +52,8 @@ def render(policies: dict) -> str:
 
 
 def _show(name: str, value) -> str:
+    if value is None:
+        return "none"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and name in ("timeout", "retry.per_try_timeout", "rate_limit.per", "cache_ttl"):

@@ -29,6 +29,7 @@ from sidecar.span_export import SpanExporter
 from sidecar.spans import SpanRecorder
 from sidecar.stats import Stats
 from sidecar.upstream.grpc_pool import GrpcPool
+from sidecar.upstream.health import HealthChecker
 from sidecar.upstream.http_pool import HttpPool
 from sidecar.xds.client import XdsClient
 from sidecar.xds.persist import LastGood
@@ -99,6 +100,8 @@ class Sidecar:
         if log_path not in (None, "-") and opts.workers > 1:
             log_path = f"{log_path}.w{opts.worker_index}"
         self.dataplane = Dataplane(self.node.id, self.stats, AccessLog(log_path))
+        self.health = HealthChecker(self.dataplane)
+        self.dataplane.on_swap = self.health.reconcile  # active health checks follow every config
         self.http_pool = HttpPool()
         self.grpc_pool = GrpcPool()
         self.listeners = ListenerManager(self.dataplane, self.http_pool, self.grpc_pool,
@@ -176,6 +179,7 @@ class Sidecar:
             for addr, n in st.balancer.active.items():
                 self.stats.set("upstream_active_requests", (("cluster", name), ("endpoint", addr)), n)
             self.stats.set("upstream_ejected", (("cluster", name),), len(st.outlier.ejected) if st.outlier else 0)
+            self.stats.set("upstream_unhealthy", (("cluster", name),), len(st.hc_unhealthy))
             self.stats.set("upstream_rq_active", (("cluster", name),), st.breaker.requests)
             self.stats.set("upstream_rq_pending", (("cluster", name),), st.breaker.pending)
             self.stats.set("upstream_rq_retries_active", (("cluster", name),), st.breaker.retries)
@@ -206,6 +210,7 @@ class Sidecar:
                 "endpoints": [{"address": ep.address, "weight": ep.weight, "priority": ep.priority,
                                "health": health(ep),
                                "outlier": st.outlier.state(ep.address, now) if st and st.outlier else None,
+                               "active_health": self.health.state(name, ep.address),
                                "active_requests": b.active.get(ep.address, 0) if b else 0,
                                "served": b.served.get(ep.address, 0) if b else 0,
                                "labels": dict(ep.labels)}
@@ -244,6 +249,7 @@ class Sidecar:
         closing = self.http_pool.close()
         if inspect.isawaitable(closing):
             await closing
+        await self.health.close()
         await self.grpc_pool.close()
         await self.admin.stop()
         self.dataplane.access_log.close()

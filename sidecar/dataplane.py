@@ -15,6 +15,8 @@ from sidecar import call as calls
 from sidecar.accesslog import AccessLog
 from sidecar.call import Call, Reply
 from sidecar.config.model import Cluster, Endpoint, Route, RuntimeConfig, parse_query
+from sidecar.filters import ratelimit
+from sidecar.filters import fault
 from sidecar.spans import SpanRecorder
 from sidecar.stats import Stats
 from sidecar.upstream import breaker
@@ -76,6 +78,7 @@ class Dataplane:
         self.clock = clock
         self.spans = SpanRecorder()  # replaced by one that exports once tracing is configured
         self.on_swap = None  # set by the health checker: called with each new config
+        self.buckets = ratelimit.Buckets()  # per-route token buckets; survive config swaps
 
     @property
     def balancers(self) -> dict[str, Balancer]:
@@ -136,6 +139,14 @@ class Dataplane:
         if route is None:
             return calls.no_route(call)
         call.route_name = route.name
+        if route.fault is not None:  # issue 4: a fault.Hold (listener waits, routes again) or an abort
+            injected = fault.inject(route.fault, call, self.rand, self.stats)
+            if injected is not None:
+                return injected
+        bucket = route.rate_limit
+        if bucket is not None and not self.buckets.take(route.name, bucket, self.clock()):
+            self.stats.inc("rate_limited", (("listener", call.listener), ("route", route.name)))
+            return ratelimit.limited(route.name, bucket)
         cluster_name = route.pick_cluster(self.rand())
         call.cluster = cluster_name
         cluster = config.clusters.get(cluster_name)

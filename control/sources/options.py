@@ -119,3 +119,59 @@ def rpc_policies(fds_bytes: bytes, services: list[str], mesh_defaults: dict | No
                 path = f"/{full}/{m.name}"
                 out[path] = RpcPolicy(path, m.client_streaming, m.server_streaming, values)
     return out
+
+
+# ---- what the translators need from a mesh service (issue 5) ----------------------------------
+def service_policies(svc) -> dict[str, RpcPolicy]:
+    """Effective policy of every rpc of a control.model.Service (empty when its protos were not
+    compiled into a descriptor set, e.g. in unit tests with a stub compiler)."""
+    sets = {g.descriptor_set for g in svc.grpc_services if g.descriptor_set}
+    if not sets:
+        return {}
+    return _cached_policies(tuple(sorted(sets)), tuple(g.full_name for g in svc.grpc_services),
+                            svc.name, svc.timeout_s, svc.method_overrides)
+
+
+def mesh_default_values(service: str, timeout_s) -> dict:
+    return {"timeout": Value(timeout_s, f"mesh.yaml services.{service}.timeout (or its default)")}
+
+
+_cache: dict = {}
+
+
+def _cached_policies(sets: tuple, names: tuple, service: str, timeout_s, overrides: tuple) -> dict:
+    key = (sets, names, service, timeout_s, overrides)
+    hit = _cache.get(key)
+    if hit is None:
+        out: dict = {}
+        over = {rpc: dict(values) for rpc, values in overrides}
+        for raw in sets:
+            out.update(rpc_policies(raw, list(names), mesh_default_values(service, timeout_s), over))
+        if len(_cache) > 256:
+            _cache.clear()
+        hit = _cache[key] = out
+    return hit
+
+
+def declared(value: Value | None) -> bool:
+    """Set on purpose for this rpc: by a proto option or an explicit mesh.yaml methods override."""
+    return value is not None and (value.source.startswith("proto ") or ".methods." in value.source)
+
+
+def route_timeout(policy: RpcPolicy) -> float | None:
+    """The route timeout of an rpc (None: no timeout).  A streaming rpc gets none unless its proto
+    or a mesh.yaml methods override sets one: a route timeout bounds the whole stream."""
+    value = policy.values.get("timeout")
+    if policy.client_streaming or policy.server_streaming:
+        if not declared(value):
+            return None
+    t = value.value if value is not None else None
+    return t or None
+
+
+def rate_limit(policy: RpcPolicy) -> tuple[int, float, int] | None:
+    """(requests, per seconds, burst) when the rpc declares a rate limit, else None."""
+    requests = policy.get("rate_limit.requests")
+    if not requests:
+        return None
+    return int(requests), float(policy.get("rate_limit.per") or 1.0), int(policy.get("rate_limit.burst") or 0)

@@ -31,7 +31,8 @@ def standard_includes() -> tuple[str, ...]:
 
 
 def compile_protos(files: list[str], include_paths, mesh_file: str) -> dict[str, list[GrpcService]]:
-    fds = descriptor_pb2.FileDescriptorSet.FromString(compile_descriptor_set(files, include_paths, mesh_file))
+    raw = compile_descriptor_set(files, include_paths, mesh_file)
+    fds = descriptor_pb2.FileDescriptorSet.FromString(raw)
     result: dict[str, list[GrpcService]] = {f: [] for f in files}
     for fd in fds.file:
         if fd.name not in result:
@@ -39,7 +40,7 @@ def compile_protos(files: list[str], include_paths, mesh_file: str) -> dict[str,
         for svc in fd.service:
             full = f"{fd.package}.{svc.name}" if fd.package else svc.name
             methods = tuple(GrpcMethod(m.name, m.client_streaming, m.server_streaming) for m in svc.method)
-            result[fd.name].append(GrpcService(full, methods, fd.name))
+            result[fd.name].append(GrpcService(full, methods, fd.name, raw))
     return result
 
 
@@ -80,3 +81,27 @@ def _run_protoc(protoc, args: list[str], err_path: Path) -> int:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+def merge_descriptor_sets(sets) -> bytes:
+    """One FileDescriptorSet holding every file of `sets` once (by name, first wins), in an order
+    where each file follows its imports (as protoc writes them), for Envoy and for descriptor pools."""
+    seen: dict[str, descriptor_pb2.FileDescriptorProto] = {}
+    for raw in sets:
+        if not raw:
+            continue
+        for fd in descriptor_pb2.FileDescriptorSet.FromString(raw).file:
+            seen.setdefault(fd.name, fd)
+    out = descriptor_pb2.FileDescriptorSet()
+    done: set[str] = set()
+
+    def add(name: str) -> None:
+        if name in done or name not in seen:
+            return
+        done.add(name)
+        for dep in seen[name].dependency:
+            add(dep)
+        out.file.append(seen[name])
+    for name in seen:
+        add(name)
+    return out.SerializeToString(deterministic=True)

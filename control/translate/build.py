@@ -88,7 +88,7 @@ def listener(name: str, host: str, port: int, route_config: str, grpc: bool,
         filter_chains=[listener_components_pb2.FilterChain(filters=[
             listener_components_pb2.Filter(name="envoy.filters.network.http_connection_manager",
                                            typed_config=pack(hcm))])])
-    if grpc and methods is not None and methods.methods:
+    if methods is not None and methods.methods:
         lst.metadata.typed_filter_metadata[GRPC_METHODS_KEY].CopyFrom(pack(methods))
     return lst
 
@@ -249,6 +249,9 @@ def apply_traffic_route(r: route_components_pb2.Route, traffic, http: bool) -> r
     if traffic.retries is not None:
         r.route.retry_policy.CopyFrom(retry_policy(traffic.retries, http))
     r.route.hash_policy.extend(hash_policies(traffic.hash))
+    if traffic.fault is not None:
+        r.typed_per_filter_config[FAULT_FILTER].CopyFrom(pack(fault_config(traffic.fault)))
+    r.route.request_mirror_policies.extend(mirror_policy(m) for m in traffic.mirrors)
     return r
 
 
@@ -284,4 +287,166 @@ def apply_traffic_cluster(c: cluster_pb2.Cluster, traffic) -> cluster_pb2.Cluste
             getattr(c.ring_hash_lb_config, k).value = int(v)
     if traffic.maglev_table_size is not None:
         c.maglev_lb_config.table_size.value = int(traffic.maglev_table_size)
+    if traffic.health_check is not None:
+        c.health_checks.append(health_check(traffic.health_check))
     return c
+
+
+def health_check(spec):
+    """A control.model.HealthCheckSpec as Envoy's HealthCheck.  no_traffic_interval is set to the
+    interval, so an Envoy checks as often as our sidecar does (Envoy's default is 60 s while a
+    cluster has no traffic)."""
+    from envoy.config.core.v3 import health_check_pb2
+    from envoy.type.v3 import range_pb2
+    hc = health_check_pb2.HealthCheck(
+        interval=duration(spec.interval_s), timeout=duration(spec.timeout_s),
+        no_traffic_interval=duration(spec.interval_s),
+        unhealthy_threshold=wrappers_pb2.UInt32Value(value=spec.unhealthy_threshold),
+        healthy_threshold=wrappers_pb2.UInt32Value(value=spec.healthy_threshold),
+        interval_jitter_percent=spec.interval_jitter_percent)
+    if spec.interval_jitter_s:
+        hc.interval_jitter.CopyFrom(duration(spec.interval_jitter_s))
+    if spec.initial_jitter_s:
+        hc.initial_jitter.CopyFrom(duration(spec.initial_jitter_s))
+    if spec.kind == "http":
+        hc.http_health_check.path = spec.path
+        hc.http_health_check.host = spec.host
+        hc.http_health_check.expected_statuses.extend(
+            range_pb2.Int64Range(start=s, end=e) for s, e in spec.expected_statuses)
+    elif spec.kind == "grpc":
+        hc.grpc_health_check.service_name = spec.service_name
+    else:
+        hc.tcp_health_check.SetInParent()
+    return hc
+
+
+FAULT_FILTER = "envoy.filters.http.fault"
+
+
+def _fraction(percent: float):
+    return percent_pb2.FractionalPercent(numerator=int(round(percent * 10000)),
+                                         denominator=percent_pb2.FractionalPercent.MILLION)
+
+
+def fault_config(spec):
+    """A control.model.FaultSpec as Envoy's HTTPFault (the per-route config of the fault filter)."""
+    from envoy.extensions.filters.common.fault.v3 import fault_pb2 as common
+    from envoy.extensions.filters.http.fault.v3 import fault_pb2
+    cfg = fault_pb2.HTTPFault()
+    if spec.delay_s is not None or spec.header_delay:
+        cfg.delay.percentage.CopyFrom(_fraction(spec.delay_percent))
+        if spec.header_delay:
+            cfg.delay.header_delay.CopyFrom(common.FaultDelay.HeaderDelay())
+        else:
+            cfg.delay.fixed_delay.CopyFrom(duration(spec.delay_s))
+    if spec.abort_status is not None or spec.abort_grpc_status is not None or spec.header_abort:
+        cfg.abort.percentage.CopyFrom(_fraction(spec.abort_percent))
+        if spec.header_abort:
+            cfg.abort.header_abort.SetInParent()
+        elif spec.abort_grpc_status is not None:
+            cfg.abort.grpc_status = spec.abort_grpc_status
+        else:
+            cfg.abort.http_status = spec.abort_status
+    return cfg
+
+
+def fault_filter() -> hcm_pb2.HttpFilter:
+    """The listener-level fault filter injects nothing; routes carry their faults in
+    typed_per_filter_config (Envoy's per-route override)."""
+    from envoy.extensions.filters.http.fault.v3 import fault_pb2
+    return hcm_pb2.HttpFilter(name=FAULT_FILTER, typed_config=pack(fault_pb2.HTTPFault()))
+
+
+def tcp_listener(name: str, host: str, port: int, cluster_name: str, idle_timeout_s: float | None,
+                 connect_attempts: int) -> listener_pb2.Listener:
+    """A listener whose one network filter is Envoy's TcpProxy to `cluster_name`."""
+    from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+    tp = tcp_proxy_pb2.TcpProxy(stat_prefix=name, cluster=cluster_name, idle_timeout=duration(idle_timeout_s),
+                                max_connect_attempts=wrappers_pb2.UInt32Value(value=connect_attempts))
+    return listener_pb2.Listener(
+        name=name, address=socket_address(host, port),
+        filter_chains=[listener_components_pb2.FilterChain(filters=[
+            listener_components_pb2.Filter(name="envoy.filters.network.tcp_proxy", typed_config=pack(tp))])])
+
+
+def mirror_policy(spec):
+    from envoy.config.core.v3 import base_pb2 as core
+    return route_components_pb2.RouteAction.RequestMirrorPolicy(
+        cluster=spec.to, runtime_fraction=core.RuntimeFractionalPercent(default_value=_fraction(spec.percent)))
+
+
+# ---- protobuf-first gateway (issue 5): Envoy's own filter messages, honoured by our sidecar too ----
+TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"
+GRPC_WEB_FILTER = "envoy.filters.http.grpc_web"
+RATELIMIT_FILTER = "envoy.filters.http.local_ratelimit"
+DESCRIPTORS_KEY = "protomesh.descriptor_set"
+MAX_TRANSCODE_BODY = 4 << 20
+
+
+def transcoder_filter(descriptor_set: bytes, services: list[str]) -> hcm_pb2.HttpFilter:
+    """HTTP/JSON ↔ gRPC from the services' google.api.http rules.  Unknown query parameters are
+    refused (400), `+` in a query means a space, and a gRPC error becomes a google.rpc.Status body."""
+    from envoy.extensions.filters.http.grpc_json_transcoder.v3 import transcoder_pb2 as t
+    cfg = t.GrpcJsonTranscoder(
+        proto_descriptor_bin=descriptor_set, services=sorted(services), convert_grpc_status=True,
+        query_param_unescape_plus=True,
+        print_options=t.GrpcJsonTranscoder.PrintOptions(always_print_primitive_fields=False),
+        request_validation_options=t.GrpcJsonTranscoder.RequestValidationOptions(reject_unknown_query_parameters=True),
+        max_request_body_size=wrappers_pb2.UInt32Value(value=MAX_TRANSCODE_BODY),
+        max_response_body_size=wrappers_pb2.UInt32Value(value=MAX_TRANSCODE_BODY))
+    return hcm_pb2.HttpFilter(name=TRANSCODER_FILTER, typed_config=pack(cfg))
+
+
+def grpc_web_filter() -> hcm_pb2.HttpFilter:
+    from envoy.extensions.filters.http.grpc_web.v3 import grpc_web_pb2
+    return hcm_pb2.HttpFilter(name=GRPC_WEB_FILTER, typed_config=pack(grpc_web_pb2.GrpcWeb()))
+
+
+def ratelimit_filter() -> hcm_pb2.HttpFilter:
+    """Listener-level LocalRateLimit without a bucket: only routes with a per-route bucket
+    (`typed_per_filter_config`) are limited."""
+    from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2 as l
+    return hcm_pb2.HttpFilter(name=RATELIMIT_FILTER, typed_config=pack(l.LocalRateLimit(stat_prefix="rpc_ratelimit")))
+
+
+def route_rate_limit(route: route_components_pb2.Route, requests: int, per_s: float, burst: int,
+                     grpc: bool) -> route_components_pb2.Route:
+    """A token bucket on one route (in place): `requests` per `per_s`, `burst` more at once."""
+    from envoy.config.core.v3 import base_pb2 as core
+    from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2 as l
+    from envoy.type.v3 import token_bucket_pb2
+    always = core.RuntimeFractionalPercent(
+        default_value=percent_pb2.FractionalPercent(numerator=100, denominator=percent_pb2.FractionalPercent.HUNDRED),
+        runtime_key="protomesh_rpc_ratelimit")
+    cfg = l.LocalRateLimit(
+        stat_prefix="rpc_ratelimit",
+        token_bucket=token_bucket_pb2.TokenBucket(
+            max_tokens=requests + burst, tokens_per_fill=wrappers_pb2.UInt32Value(value=requests),
+            fill_interval=duration(per_s)),
+        filter_enabled=always, filter_enforced=always, rate_limited_as_resource_exhausted=grpc)
+    route.typed_per_filter_config[RATELIMIT_FILTER].CopyFrom(pack(cfg))
+    return route
+
+
+def with_http_filters(lst: listener_pb2.Listener, filters: list) -> listener_pb2.Listener:
+    """Insert HTTP filters before the router of a listener's HttpConnectionManager (in place)."""
+    if not filters:
+        return lst
+    f = lst.filter_chains[0].filters[0]
+    hcm = hcm_pb2.HttpConnectionManager()
+    f.typed_config.Unpack(hcm)
+    router = list(hcm.http_filters)
+    del hcm.http_filters[:]
+    hcm.http_filters.extend(list(filters) + router)
+    f.typed_config.CopyFrom(pack(hcm))
+    return lst
+
+
+def with_descriptors(lst: listener_pb2.Listener, descriptor_set: bytes) -> listener_pb2.Listener:
+    """The mesh's FileDescriptorSet as listener metadata: a protomesh gateway answers gRPC server
+    reflection from it (Envoy ignores the key)."""
+    from google.protobuf import descriptor_pb2
+    if descriptor_set:
+        fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set)
+        lst.metadata.typed_filter_metadata[DESCRIPTORS_KEY].CopyFrom(pack(fds))
+    return lst

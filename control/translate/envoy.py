@@ -78,7 +78,9 @@ def gateway_view(mesh: Mesh, endpoints: dict, clusters: dict, overrides=()) -> d
             addr = moved.get(name, addr)
             if addr is None:
                 continue
-            listeners[name] = _listener(name, addr, name, protocol == "grpc", base_pb2.UNSPECIFIED, trace)
+            listeners[name] = build.pack(build.with_http_filters(
+                build.listener(name, *addr, name, protocol == "grpc", base_pb2.UNSPECIFIED, trace),
+                pm.gateway_http_filters(mesh, protocol) + pm.fault_filters(mesh)))  # + fault (issue 4)
             routes[name] = build.pack(build.route_config(name, [build.vhost(name, ["*"], by_protocol[protocol])]))
     return {xdstypes.CLUSTER: clusters, xdstypes.ENDPOINT: endpoints,
             xdstypes.LISTENER: listeners, xdstypes.ROUTE: routes}

@@ -12,6 +12,7 @@ from envoy.config.core.v3 import base_pb2
 
 from control.model import Mesh
 from control.registry import Registration, Registry
+from control.sources.options import rate_limit, route_timeout, service_policies
 from control.translate import build
 from protomesh import xdstypes
 
@@ -57,6 +58,7 @@ def sidecar_view(mesh: Mesh, reg: Registration, endpoints: dict, clusters: dict)
         listeners[INBOUND_LISTENER] = build.pack(build.listener(
             INBOUND_LISTENER, *reg.inbound, name, protocol == "grpc", base_pb2.INBOUND, trace, methods))
         routes[name] = build.pack(build.route_config(name, [build.vhost("app", ["*"], [
+            *(rpc_timeout_routes(svc, "inbound", name, traffic=False) if svc else ()),
             build.route(f"inbound-{reg.service}", prefix="/", split=((name, 1),),
                         timeout_s=svc.timeout_s if svc else 15.0)])]))
     if reg.outbound_http:
@@ -83,9 +85,12 @@ def outbound_http_routes(mesh: Mesh):
 
 
 def outbound_grpc_routes(mesh: Mesh):
-    routes = [build.apply_traffic_route(build.route(f"outbound-{g.full_name}", prefix=f"/{g.full_name}/", grpc=True,
-                                                    split=((name, 1),), timeout_s=s.timeout_s), s.traffic, False)
-              for name, s in sorted(mesh.services.items()) for g in s.grpc_services]
+    routes = []
+    for name, s in sorted(mesh.services.items()):
+        routes.extend(rpc_timeout_routes(s, "outbound", name))
+        routes.extend(build.apply_traffic_route(build.route(f"outbound-{g.full_name}", prefix=f"/{g.full_name}/",
+                                                            grpc=True, split=((name, 1),), timeout_s=s.timeout_s),
+                                                s.traffic, False) for g in s.grpc_services)
     return build.route_config(OUTBOUND_GRPC, [build.vhost("grpc", ["*"], routes)])
 
 
@@ -95,11 +100,69 @@ def gateway_routes(mesh: Mesh) -> dict[str, list]:
     by_protocol: dict[str, list] = {"http": [], "grpc": []}
     for r in mesh.gateway.routes:
         svc = mesh.services[r.split[0][0]]
+        if r.grpc:  # per-rpc routes first: the rpc's timeout and rate limit (from its proto)
+            for http in (False, True):
+                by_protocol["http" if http else "grpc"].extend(gateway_rpc_routes(r, svc, http))
         route = build.gateway_route(r, svc.timeout_s)
         if len(r.split) == 1:
             build.apply_traffic_route(route, svc.traffic, svc.protocol == "http")
         by_protocol[svc.protocol].append(route)
     return by_protocol
+
+
+def gateway_rpc_routes(r, svc, http: bool) -> list:
+    """One route per rpc a gRPC gateway route covers (`path: /pkg.Service/Method`), with the rpc's
+    effective timeout (an explicit `timeout` on the gateway route wins) and its rate limit.  On the
+    HTTP listener the same routes carry transcoded and gRPC-Web requests to the gRPC cluster."""
+    from dataclasses import replace
+    policies = service_policies(svc)
+    out = []
+    for path, pol in policies.items():
+        if not (path == r.path_value if r.path_kind == "path" else path.startswith(r.path_value)):
+            continue
+        timeout = r.timeout_s if r.timeout_s is not None else route_timeout(pol)
+        rr = replace(r, name=f"{r.name}/{path.rsplit('/', 1)[1]}", path_kind="path", path_value=path,
+                     timeout_s=timeout if timeout is not None else 0.0, rewrite_prefix=None)
+        route = build.gateway_route(rr, None)
+        if len(r.split) == 1:
+            build.apply_traffic_route(route, svc.traffic, False)
+        limit = rate_limit(pol)
+        if limit is not None:
+            build.route_rate_limit(route, *limit, grpc=not http)
+        out.append(route)
+    return out
+
+
+def transcoded_services(mesh: Mesh) -> tuple[bytes, list[str]]:
+    """The descriptor set and gRPC service names the gateway exposes (those its gRPC routes name)."""
+    from control.sources.protos import merge_descriptor_sets
+    names, sets = set(), []
+    for r in (mesh.gateway.routes if mesh.gateway else ()):
+        if not r.grpc:
+            continue
+        full = r.path_value.strip("/").split("/")[0]
+        for s in mesh.services.values():
+            for g in s.grpc_services:
+                if g.full_name == full and g.descriptor_set:
+                    names.add(full)
+                    sets.append(g.descriptor_set)
+    return (merge_descriptor_sets(sets) if sets else b""), sorted(names)
+
+
+def gateway_http_filters(mesh: Mesh, protocol: str) -> list:
+    """HTTP filters (before the router) of the gateway's listeners, for Envoy and our sidecar alike:
+    gRPC-Web and JSON transcoding on the HTTP listener, per-rpc local rate limits on both."""
+    fds, names = transcoded_services(mesh)
+    if not names:
+        return []
+    out = [build.grpc_web_filter(), build.transcoder_filter(fds, names)] if protocol == "http" else []
+    return out + [build.ratelimit_filter()]
+
+
+def fault_filters(mesh: Mesh) -> list:
+    """Envoy's fault filter (injecting nothing itself) when some service has `fault`: routes
+    carry their faults in typed_per_filter_config, which Envoy applies only with it in the chain."""
+    return [build.fault_filter()] if any(s.traffic.fault for s in mesh.services.values()) else []
 
 
 def gateway_view(mesh: Mesh, endpoints: dict, clusters: dict) -> dict[str, dict]:
@@ -110,9 +173,31 @@ def gateway_view(mesh: Mesh, endpoints: dict, clusters: dict) -> dict[str, dict]
         for protocol, addr, name in (("http", gw.http, GATEWAY_HTTP), ("grpc", gw.grpc, GATEWAY_GRPC)):
             if addr is None:
                 continue
-            listeners[name] = build.pack(build.listener(name, *addr, name, protocol == "grpc",
-                                                        trace=build.tracing(mesh.telemetry, "sidecar.gateway"),
-                                                        methods=mesh_grpc_methods(mesh)))
+            lst = build.with_http_filters(build.listener(name, *addr, name, protocol == "grpc",
+                                                         trace=build.tracing(mesh.telemetry, "sidecar.gateway"),
+                                                         methods=mesh_grpc_methods(mesh)),
+                                          gateway_http_filters(mesh, protocol))
+            if protocol == "grpc":
+                build.with_descriptors(lst, transcoded_services(mesh)[0])
+            build.with_http_filters(lst, fault_filters(mesh))  # issue 4: per-route faults need it in the chain
+            listeners[name] = build.pack(lst)
             routes[name] = build.pack(build.route_config(name, [build.vhost(name, ["*"], by_protocol[protocol])]))
+        for t in gw.tcp:  # issue 4: L4 listeners (Envoy's TcpProxy)
+            listeners[t.name] = build.pack(build.tcp_listener(t.name, *t.listen, t.to, t.idle_timeout_s,
+                                                              t.connect_attempts))
     return {xdstypes.CLUSTER: clusters, xdstypes.ENDPOINT: endpoints,
             xdstypes.LISTENER: listeners, xdstypes.ROUTE: routes}
+
+
+def rpc_timeout_routes(svc, prefix: str, cluster: str, traffic: bool = True) -> list:
+    """`path: /pkg.Service/Method` routes for the rpcs whose effective timeout differs from the
+    service's (a proto option, a mesh.yaml methods override, or a stream that must not be cut)."""
+    out = []
+    for path, pol in service_policies(svc).items():
+        timeout = route_timeout(pol)
+        if timeout == svc.timeout_s:
+            continue
+        route = build.route(f"{prefix}-{path.strip('/')}", path=path, grpc=True, split=((cluster, 1),),
+                            timeout_s=timeout)
+        out.append(build.apply_traffic_route(route, svc.traffic, False) if traffic else route)
+    return out

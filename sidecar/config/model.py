@@ -91,6 +91,8 @@ class Route:
     retry: "RetryPolicy | None" = None
     hash_policies: tuple["HashPolicy", ...] = ()
     mirrors: tuple["Mirror", ...] = ()
+    rate_limit: "TokenBucket | None" = None  # typed_per_filter_config[envoy.filters.http.local_ratelimit]
+    fault: object = None  # sidecar.filters.fault.FaultPolicy, typed_per_filter_config[envoy.filters.http.fault]
 
     def matches(self, path: str, headers: Mapping[str, str]) -> bool:
         bare, _, query = path.partition("?")
@@ -273,6 +275,7 @@ class HealthCheck:
     host: str = ""
     expected_statuses: tuple[tuple[int, int], ...] = ((200, 201),)  # [start, end) ranges
     service_name: str = ""  # gRPC health service name
+    authority: str = ""  # gRPC health check :authority (default: the endpoint address)
     interval_jitter_s: float = 0.0
     interval_jitter_percent: int = 0
     initial_jitter_s: float = 0.0
@@ -329,6 +332,12 @@ class Listener:
     filters: tuple[str, ...] = ()  # http filter type names in order (router last)
     tracing: "Tracing | None" = None
     grpc_kinds: Mapping[str, str] = field(default_factory=dict)  # "/pkg.S/M" -> unary | server_stream | …
+    tcp: "TcpProxy | None" = None  # protocol "tcp": the TcpProxy network filter (issue 4)
+    # Protobuf-first gateway (sidecar/filters/): a built sidecar.transcode.Transcoder from the
+    # grpc_json_transcoder filter, gRPC-Web on, and the descriptor set served by reflection.
+    transcoder: object = field(default=None, compare=False, repr=False)
+    grpc_web: bool = False
+    descriptor_set: bytes = field(default=b"", compare=False, repr=False)
 
     @property
     def address(self) -> str:
@@ -359,9 +368,29 @@ class RuntimeConfig:
         """Resources referenced but not yet received (warming); empty when complete."""
         out = []
         for lst in self.listeners.values():
-            if lst.inline_routes is None and lst.route_table not in self.route_tables:
+            if lst.tcp is None and lst.inline_routes is None and lst.route_table not in self.route_tables:
                 out.append(f"RouteConfiguration {lst.route_table}")
         for c in self.clusters.values():
             if c.eds and c.name not in self.assignments:
                 out.append(f"ClusterLoadAssignment {c.name}")
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class TcpProxy:
+    """Envoy's TcpProxy network filter subset: connections to one cluster."""
+
+    cluster: str
+    idle_timeout_s: float | None = 3600.0  # Envoy's default; None disables
+    max_connect_attempts: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class TokenBucket:
+    """A route's LocalRateLimit token bucket: `max_tokens` at most, `tokens_per_fill` added every
+    `fill_interval_s` (refilled continuously here, in steps in Envoy)."""
+
+    max_tokens: int
+    tokens_per_fill: int
+    fill_interval_s: float
+    resource_exhausted: bool = False  # gRPC callers get RESOURCE_EXHAUSTED (Envoy's rate_limited_as_resource_exhausted)

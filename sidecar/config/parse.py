@@ -33,6 +33,11 @@ from sidecar.config.model import (
 from sidecar.upstream.retry import CONDITIONS as RETRY_CONDITIONS
 
 KNOWN_HTTP_FILTERS = {xdstypes.ROUTER}
+# Protobuf-first gateway filters (issue 5), parsed by sidecar/filters/{transcode,grpcweb,ratelimit}.py.
+from sidecar.filters import grpcweb as _grpcweb, ratelimit as _ratelimit, transcode as _transcode  # noqa: E402
+KNOWN_HTTP_FILTERS |= {_transcode.TYPE_URL, _grpcweb.TYPE_URL, _ratelimit.TYPE_URL}
+from sidecar.filters import fault as _fault  # noqa: E402  (issue 4: fault injection, per route)
+KNOWN_HTTP_FILTERS.add(_fault.TYPE_URL)
 
 
 def unpack_any(anyv: any_pb2.Any, cls, where: str):
@@ -111,7 +116,16 @@ def parse_query_match(q: route_components_pb2.QueryParameterMatcher, where: str)
 
 
 def parse_route(r: route_components_pb2.Route, where: str) -> Route:
-    _only(r, {"name", "match", "route", "metadata", "decorator"}, where)
+    _only(r, {"name", "match", "route", "metadata", "decorator", "typed_per_filter_config"}, where)
+    bucket = None
+    fault = None
+    for key, anyv in r.typed_per_filter_config.items():
+        if key == _fault.FILTER_NAME:
+            fault = _fault.parse(anyv, f"{where}.typed_per_filter_config[{key}]")
+            continue
+        if key != _ratelimit.FILTER_NAME:
+            raise ConfigError(f"{where}.typed_per_filter_config[{key}]", "is not supported (local_ratelimit, fault)")
+        bucket = _ratelimit.parse_route_config(anyv, f"{where}.typed_per_filter_config[{key}]")
     if not r.HasField("route"):
         raise ConfigError(where, "only 'route' actions are supported (not redirect/direct_response)")
     m = r.match
@@ -128,7 +142,8 @@ def parse_route(r: route_components_pb2.Route, where: str) -> Route:
     else:
         raise ConfigError(where + ".match", "needs prefix, path or safe_regex")
     a = r.route
-    _only(a, {"cluster", "weighted_clusters", "timeout", "prefix_rewrite", "retry_policy", "hash_policy"},
+    _only(a, {"cluster", "weighted_clusters", "timeout", "prefix_rewrite", "retry_policy", "hash_policy",
+              "request_mirror_policies"},
           where + ".route")
     spec = a.WhichOneof("cluster_specifier")
     if spec == "cluster":
@@ -155,7 +170,41 @@ def parse_route(r: route_components_pb2.Route, where: str) -> Route:
         retry=parse_retry_policy(a.retry_policy, where + ".route.retry_policy") if a.HasField("retry_policy") else None,
         hash_policies=tuple(parse_hash_policy(h, f"{where}.route.hash_policy[{i}]")
                             for i, h in enumerate(a.hash_policy)),
+        rate_limit=bucket,
+        fault=fault,
+        mirrors=tuple(parse_mirror(mp, f"{where}.route.request_mirror_policies[{i}]")
+                      for i, mp in enumerate(a.request_mirror_policies)),
     )
+
+
+TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+
+
+def parse_tcp_proxy(anyv, where: str):
+    from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+    from sidecar.config.model import TcpProxy
+    tp = unpack_any(anyv, tcp_proxy_pb2.TcpProxy, where)
+    _only(tp, {"stat_prefix", "cluster", "idle_timeout", "max_connect_attempts"}, where)
+    if not tp.cluster:
+        raise ConfigError(where + ".cluster", "is required (weighted_clusters are not supported)")
+    idle = _seconds(tp.idle_timeout) if tp.HasField("idle_timeout") else 3600.0
+    attempts = tp.max_connect_attempts.value if tp.HasField("max_connect_attempts") else 1
+    return TcpProxy(tp.cluster, idle or None, max(attempts, 1))
+
+
+def parse_mirror(mp, where: str):
+    """RouteAction.RequestMirrorPolicy: a cluster and the sampled share (runtime_fraction's
+    default_value; no runtime here).  The copy's response is discarded."""
+    from sidecar.config.model import Mirror
+    _only(mp, {"cluster", "runtime_fraction"}, where)
+    if not mp.cluster:
+        raise ConfigError(where + ".cluster", "is required")
+    fraction = 1.0
+    if mp.HasField("runtime_fraction"):
+        _only(mp.runtime_fraction, {"default_value"}, where + ".runtime_fraction")  # no runtime layer
+        num, den = _fault._share(mp.runtime_fraction.default_value, where + ".runtime_fraction.default_value")
+        fraction = num / den
+    return Mirror(mp.cluster, fraction)
 
 
 PREVIOUS_HOSTS = "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
@@ -241,6 +290,10 @@ def parse_listener(lst: listener_pb2.Listener) -> Listener:
     if len(lst.filter_chains) != 1 or len(lst.filter_chains[0].filters) != 1:
         raise ConfigError(where + ".filter_chains", "exactly one chain with one HttpConnectionManager is supported")
     nf = lst.filter_chains[0].filters[0]
+    if nf.typed_config.type_url == TCP_PROXY:  # issue 4: L4 proxy listener
+        direction = enum_name(base_pb2.TrafficDirection, lst.traffic_direction, where + ".traffic_direction").lower()
+        return Listener(lst.name, sa.address, sa.port_value, "tcp", direction, "",
+                        tcp=parse_tcp_proxy(nf.typed_config, where + ".tcp_proxy"))
     if nf.typed_config.type_url != xdstypes.HCM:
         raise ConfigError(where + ".filter_chains[0].filters[0]",
                           f"network filter {nf.typed_config.type_url or nf.name} is not supported (only HttpConnectionManager)")
@@ -252,6 +305,7 @@ def parse_listener(lst: listener_pb2.Listener) -> Listener:
     if protocol is None:
         raise ConfigError(hwhere + ".codec_type", f"{codec} is not supported (use HTTP1 or HTTP2)")
     filters = []
+    gateway: dict = {}  # Listener fields set by the protobuf-first gateway filters
     for i, f in enumerate(hcm.http_filters):
         type_url = f.typed_config.type_url
         if type_url not in KNOWN_HTTP_FILTERS:
@@ -259,6 +313,15 @@ def parse_listener(lst: listener_pb2.Listener) -> Listener:
                 continue
             raise ConfigError(f"{hwhere}.http_filters[{i}]",
                               f"http filter {f.name} ({type_url or 'no typed_config'}) is not supported")
+        fwhere = f"{hwhere}.http_filters[{i}]"
+        if type_url == _transcode.TYPE_URL:
+            gateway["transcoder"] = _transcode.parse_filter(f.typed_config, fwhere)
+        elif type_url == _grpcweb.TYPE_URL:
+            gateway["grpc_web"] = True
+        elif type_url == _ratelimit.TYPE_URL:
+            _ratelimit.parse_listener_filter(f.typed_config, fwhere)
+        elif type_url == _fault.TYPE_URL:
+            _fault.parse_listener_level(f.typed_config, fwhere)
         filters.append(type_url)
     if not filters or filters[-1] != xdstypes.ROUTER:
         raise ConfigError(hwhere + ".http_filters", "the last http filter must be the router")
@@ -275,8 +338,17 @@ def parse_listener(lst: listener_pb2.Listener) -> Listener:
     direction = enum_name(base_pb2.TrafficDirection, lst.traffic_direction, where + ".traffic_direction").lower()
     tracing = parse_tracing(hcm.tracing, hwhere + ".tracing") if hcm.HasField("tracing") else None
     kinds = parse_grpc_methods(lst.metadata, where + ".metadata")
+    descriptors = lst.metadata.typed_filter_metadata.get(DESCRIPTORS_KEY)
+    if descriptors is not None:
+        from google.protobuf import descriptor_pb2
+        gateway["descriptor_set"] = unpack_any(descriptors, descriptor_pb2.FileDescriptorSet,
+                                               f"{where}.metadata.typed_filter_metadata[{DESCRIPTORS_KEY}]"
+                                               ).SerializeToString()
     return Listener(lst.name, sa.address, sa.port_value, protocol, direction, table, inline, tuple(filters),
-                    tracing, kinds)
+                    tracing, kinds, **gateway)
+
+
+DESCRIPTORS_KEY = "protomesh.descriptor_set"
 
 
 GRPC_METHODS_KEY = "protomesh.grpc_methods"
@@ -366,7 +438,9 @@ def parse_cluster(c: cluster_pb2.Cluster) -> Cluster:
     where = f"Cluster {c.name}"
     _only(c, {"name", "type", "eds_cluster_config", "load_assignment", "lb_policy", "connect_timeout",
               "typed_extension_protocol_options", "metadata", "circuit_breakers", "outlier_detection",
-              "common_lb_config", "ring_hash_lb_config", "maglev_lb_config"}, where)
+              "common_lb_config", "ring_hash_lb_config", "maglev_lb_config", "health_checks"}, where)
+    if len(c.health_checks) > 1:
+        raise ConfigError(where + ".health_checks", "only one health check per cluster is supported")
     kind = enum_name(cluster_pb2.Cluster.DiscoveryType, c.type, where + ".type")
     if kind not in ("EDS", "STATIC"):
         raise ConfigError(where + ".type", f"{kind} is not supported (use EDS or STATIC)")
@@ -474,7 +548,10 @@ def parse_outlier(od, where: str) -> OutlierPolicy:
 def parse_health_check(h, where: str) -> HealthCheck:
     _only(h, {"timeout", "interval", "initial_jitter", "interval_jitter", "interval_jitter_percent",
               "unhealthy_threshold", "healthy_threshold", "http_health_check", "tcp_health_check",
-              "grpc_health_check"}, where)
+              "grpc_health_check", "no_traffic_interval"}, where)
+    if h.HasField("no_traffic_interval") and h.no_traffic_interval != h.interval:
+        raise ConfigError(where + ".no_traffic_interval", "must equal interval (the sidecar checks every "
+                          "interval, with or without traffic)")
     for name in ("timeout", "interval", "unhealthy_threshold", "healthy_threshold"):
         if not h.HasField(name):
             raise ConfigError(f"{where}.{name}", "is required")
@@ -488,10 +565,14 @@ def parse_health_check(h, where: str) -> HealthCheck:
         extra = {"path": hh.path, "host": hh.host}
         if hh.expected_statuses:
             extra["expected_statuses"] = tuple((r.start, r.end) for r in hh.expected_statuses)
+            if any(not 100 <= s < e <= 600 for s, e in extra["expected_statuses"]):
+                raise ConfigError(where + ".http_health_check.expected_statuses",
+                                  "each range needs 100 <= start < end <= 600")
         kind = "http"
     elif kind == "grpc_health_check":
         _only(h.grpc_health_check, {"service_name", "authority"}, where + ".grpc_health_check")
-        extra = {"service_name": h.grpc_health_check.service_name}
+        extra = {"service_name": h.grpc_health_check.service_name,
+                 "authority": h.grpc_health_check.authority}
         kind = "grpc"
     elif kind == "tcp_health_check":
         _only(h.tcp_health_check, set(), where + ".tcp_health_check")  # connect only, no payload
@@ -502,7 +583,8 @@ def parse_health_check(h, where: str) -> HealthCheck:
     timeout = _seconds(h.timeout)
     if interval <= 0 or timeout <= 0:
         raise ConfigError(where, "interval and timeout must be > 0")
-    return HealthCheck(kind, interval, timeout, h.unhealthy_threshold.value, h.healthy_threshold.value,
+    return HealthCheck(kind, interval, timeout, max(h.unhealthy_threshold.value, 1),
+                       max(h.healthy_threshold.value, 1),
                        interval_jitter_s=_seconds(h.interval_jitter),
                        interval_jitter_percent=h.interval_jitter_percent,
                        initial_jitter_s=_seconds(h.initial_jitter), **extra)

@@ -15,6 +15,9 @@ import grpc
 
 from sidecar.call import REASON_HEADER, Call, Reply
 from sidecar.dataplane import Dataplane, Target
+from sidecar.filters import reflection
+from sidecar.filters import mirror
+from sidecar.filters.fault import Hold
 from sidecar.upstream import retry
 from sidecar.upstream.grpc_pool import GrpcPool
 
@@ -36,6 +39,10 @@ class _Handler(grpc.GenericRpcHandler):
         method = details.method
         lst = self._listener
         spec = lst.dataplane.config.listeners.get(lst.name)
+        if spec is not None and spec.descriptor_set and reflection.is_local(method):
+            local = reflection.handler(method, lst.dataplane, lst.name, spec.descriptor_set)
+            if local is not None:  # the gateway answers reflection and health itself
+                return local
         kind = spec.grpc_kinds.get(method, "bidi_stream") if spec is not None else "bidi_stream"
         if kind == "unary":
             async def unary(request, context):
@@ -85,7 +92,7 @@ class GrpcListener:
     async def close(self) -> None:
         await self.drain(0)
 
-    def _open(self, method: str, shape: str, request, context):
+    async def _open(self, method: str, shape: str, request, context):
         """Route the call and start the upstream call; None when a local reply was given."""
         metadata = context.invocation_metadata() or ()
         headers: dict[str, str] = {}
@@ -106,6 +113,15 @@ class GrpcListener:
                     deadline=(time.monotonic() + remaining) if has_deadline else None)
         dp.begin(call)
         result = dp.route(call)
+        while isinstance(result, Hold):  # fault delay (issue 4): hold, then route again
+            try:
+                await asyncio.sleep(result.delay_s)
+            except asyncio.CancelledError:
+                dp.finish(call, None, 499, "downstream_cancelled", grpc_status=1)
+                raise
+            result = dp.route(call)
+            remaining = context.time_remaining()
+            has_deadline = remaining is not None and remaining < _NO_DEADLINE
         if isinstance(result, Reply):
             self._local_reply(context, call, None, result)
             return None
@@ -119,6 +135,8 @@ class GrpcListener:
         ex.forward = tuple(forward)
         ex.deadline = None if timeout is None else time.monotonic() + timeout
         self._attempt(ex, shape, request)
+        if target.route.mirrors:
+            mirror.send_grpc(dp, self.pool, call, target, shape, request, ex.forward)
         return ex
 
     def _attempt(self, ex: "_Exchange", shape: str, request) -> None:
@@ -181,7 +199,7 @@ class GrpcListener:
 
     async def forward_unary(self, method: str, shape: str, request, context):
         """unary_unary and stream_unary: one response message."""
-        ex = self._open(method, shape, request, context)
+        ex = await self._open(method, shape, request, context)
         if ex is None:
             return None
         self.inflight += 1
@@ -216,7 +234,7 @@ class GrpcListener:
         """unary_stream and stream_stream: relay response messages as they come.  Initial
         metadata goes out with the first message, so an attempt that fails before any message
         can still be retried (unary_stream only: a request stream cannot be replayed)."""
-        ex = self._open(method, shape, request, context)
+        ex = await self._open(method, shape, request, context)
         if ex is None:
             return
         self.inflight += 1

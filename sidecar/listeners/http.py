@@ -25,6 +25,9 @@ from sidecar.call import (GRPC_CANCELLED, GRPC_DEADLINE_EXCEEDED, GRPC_INTERNAL,
                           GRPC_INVALID_ARGUMENT, GRPC_UNAVAILABLE, REASON_HEADER, Call, Reply,
                           upstream_timeout, upstream_unavailable)
 from sidecar.dataplane import Dataplane, Target
+from sidecar.listeners import grpc_bridge
+from sidecar.filters import mirror
+from sidecar.filters.fault import Hold
 from sidecar.upstream import breaker, retry
 from sidecar.upstream.http_pool import (CHUNKED, CONTENT_LENGTH, NO_BODY, HttpPool,
                                         UpstreamConnection)
@@ -98,7 +101,7 @@ class _Exchange:
                  "pending_size", "pending_full", "up_paused", "retried", "resp_started",
                  "resp_done", "finished", "status", "mode", "close_after", "bytes_in",
                  "bytes_out", "out", "attempts", "tried", "retry_timer", "try_timer", "retrying",
-                 "pending_state")
+                 "pending_state", "bridge")
 
     def __init__(self, conn: "_Downstream", method_b: bytes, version: str, url: bytes,
                  raw: list, lnames: list, headers: dict, chunked: bool, has_body: bool,
@@ -144,6 +147,7 @@ class _Exchange:
         self.try_timer: asyncio.TimerHandle | None = None  # per-try timeout
         self.retrying = False  # counted in the cluster's active retries
         self.pending_state = None  # ClusterState whose pending count includes this exchange
+        self.bridge = None  # set when the gateway answers by calling gRPC itself (grpc_bridge.py)
 
     # ---- request side -------------------------------------------------------------------
     def activate(self) -> None:
@@ -155,9 +159,38 @@ class _Exchange:
         call = self.call = Call("http", self.method, self.headers.get("host", ""),
                                 self.url.decode("latin-1"), self.headers, conn.peer, listener.name)
         dp.begin(call)
+        spec = listener.gateway_spec()
+        if spec is not None:  # transcoding / gRPC-Web at the gateway (grpc_bridge.py)
+            bridge = grpc_bridge.select(self, spec)
+            if bridge is not None:
+                self._bridge(bridge)
+                return
+        self._route()
+
+    def _bridge(self, bridge) -> None:
+        """Hand the exchange to a gateway bridge: it gets the (bounded) body, then runs."""
+        self.bridge = bridge
+        if self.expect and not self.req_done:
+            self.conn.transport.write(_CONTINUE)
+        early = self.early
+        if early:
+            self.early = None
+            for data in early:
+                bridge.feed(data)
+        if self.req_done and not self.finished:
+            bridge.start()
+
+    def _route(self) -> None:
+        conn = self.conn
+        dp = conn.listener.dataplane
+        call = self.call
         result = dp.route(call)
         if isinstance(result, Reply):
             self.local_reply(result)
+            return
+        if isinstance(result, Hold):  # fault delay: the body waits in `early`, then route again
+            self.active = False
+            self.timer = asyncio.get_running_loop().call_later(result.delay_s, self._held)
             return
         self.target = result
         head = self._request_head(result, dp.upstream_headers(call))
@@ -173,6 +206,20 @@ class _Exchange:
             self._request_sent()
         if not self.finished:
             self._start_attempt()
+        if result.route.mirrors and self.req_done:
+            self._mirror()
+
+    def _held(self) -> None:
+        self.timer = None
+        if self.finished:
+            return
+        self.active = True
+        self._route()
+
+    def _mirror(self) -> None:
+        """Shadow copies of the complete request (issue 4); never awaited, never answered."""
+        if self.sent is not None and self.attempts == 1:
+            mirror.send_http(self.conn.listener.dataplane, self.call, self.target, tuple(self.sent))
 
     def _start_attempt(self) -> None:
         """Use an idle pooled connection, or open one (the only step that needs a task) if the
@@ -252,12 +299,21 @@ class _Exchange:
                 self.early = []
             self.early.append(data)
             return
+        if self.bridge is not None:
+            self.bridge.feed(data)
+            return
         self._emit_body(data)
 
     def on_request_complete(self) -> None:
         self.req_done = True
+        if self.bridge is not None:
+            if self.active and not self.finished:
+                self.bridge.start()
+            return
         if self.active and self.target is not None and not self.finished:
             self._request_sent()
+            if self.target.route.mirrors:
+                self._mirror()
 
     def _request_sent(self) -> None:
         if self.chunked:
@@ -714,7 +770,7 @@ class _Downstream(asyncio.Protocol):
         queue = self.queue
         self.queue = deque()
         for ex in queue:
-            if ex.active:
+            if ex.active or ex.timer is not None:  # (a timer while inactive: held by a fault delay)
                 ex.downstream_lost()
         self.listener._forget(self)
 
@@ -893,7 +949,7 @@ class _Downstream(asyncio.Protocol):
         ex = self.parsing
         if ex is not None and not ex.finished:
             self.parsing = None
-            if ex.active:  # its own body is malformed: answer it (or cut it) and close
+            if ex.active or ex.timer is not None:  # its own body is malformed: answer it (or cut it) and close
                 ex.keep_alive = False
                 if ex.resp_started:
                     ex._drop_upstream()
@@ -960,10 +1016,11 @@ class HttpListener:
     """An HTTP/1.1 listener that proxies every request the dataplane routes."""
 
     def __init__(self, name: str, dataplane: Dataplane, pool: HttpPool, *,
-                 max_header_bytes: int = 65536, header_timeout_s: float = 30.0):
+                 max_header_bytes: int = 65536, header_timeout_s: float = 30.0, grpc_pool=None):
         self.name = name
         self.dataplane = dataplane
         self.pool = pool
+        self._grpc_pool = grpc_pool  # for transcoding / gRPC-Web at the gateway
         self.max_header_bytes = max_header_bytes
         self.header_timeout_s = header_timeout_s
         self.port = 0
@@ -980,6 +1037,20 @@ class HttpListener:
     @property
     def connections(self) -> int:
         return len(self._conns)
+
+    @property
+    def grpc_pool(self):
+        if self._grpc_pool is None:
+            from sidecar.upstream.grpc_pool import GrpcPool
+            self._grpc_pool = GrpcPool()
+        return self._grpc_pool
+
+    def gateway_spec(self):
+        """This listener's config when a gateway filter (transcoding, gRPC-Web) is on, else None."""
+        spec = self.dataplane.config.listeners.get(self.name)
+        if spec is None or (spec.transcoder is None and not spec.grpc_web):
+            return None
+        return spec
 
     def _forget(self, conn: _Downstream) -> None:
         self._conns.discard(conn)

@@ -13,6 +13,7 @@ from sidecar.config.model import Listener, RuntimeConfig
 from sidecar.dataplane import Dataplane
 from sidecar.listeners.grpc import GrpcListener
 from sidecar.listeners.http import HttpListener
+from sidecar.listeners.tcp import TcpListener
 from sidecar.upstream.grpc_pool import GrpcPool
 from sidecar.upstream.http_pool import HttpPool
 
@@ -44,8 +45,12 @@ class ListenerManager:
                 if name in self.running:
                     self.running[name] = (spec, self.running[name][1])
                     continue
-                server = (GrpcListener(name, self.dataplane, self.grpc_pool) if spec.protocol == "grpc"
-                          else HttpListener(name, self.dataplane, self.http_pool))
+                if spec.protocol == "tcp":
+                    server = TcpListener(name, self.dataplane)
+                elif spec.protocol == "grpc":
+                    server = GrpcListener(name, self.dataplane, self.grpc_pool)
+                else:
+                    server = HttpListener(name, self.dataplane, self.http_pool, grpc_pool=self.grpc_pool)
                 try:
                     await server.start(spec.host, spec.port, reuse_port=self.reuse_port)
                 except OSError as exc:

@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from meshapi.v1 import options_pb2 as meshapi_dot_v1_dot_options__pb2
 from demo.users.v1 import users_pb2 as demo_dot_users_dot_v1_dot_users__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64\x65mo/orders/v1/orders.proto\x12\x0e\x64\x65mo.orders.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19\x64\x65mo/users/v1/users.proto\"K\n\x12\x43reateOrderRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nproduct_id\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\x05\"\x1d\n\x0fGetOrderRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xb4\x01\n\x05Order\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x04user\x18\x02 \x01(\x0b\x32\x13.demo.users.v1.User\x12\x12\n\nproduct_id\x18\x03 \x01(\t\x12\x14\n\x0cproduct_name\x18\x04 \x01(\t\x12\x18\n\x10unit_price_cents\x18\x05 \x01(\x05\x12\x10\n\x08quantity\x18\x06 \x01(\x05\x12\x13\n\x0btotal_cents\x18\x07 \x01(\x03\x12\x11\n\tserved_by\x18\x08 \x01(\t2\xc6\x01\n\x06Orders\x12_\n\x0b\x43reateOrder\x12\".demo.orders.v1.CreateOrderRequest\x1a\x15.demo.orders.v1.Order\"\x15\x82\xd3\xe4\x93\x02\x0f\"\n/v1/orders:\x01*\x12[\n\x08GetOrder\x12\x1f.demo.orders.v1.GetOrderRequest\x1a\x15.demo.orders.v1.Order\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/orders/{id}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64\x65mo/orders/v1/orders.proto\x12\x0e\x64\x65mo.orders.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x18meshapi/v1/options.proto\x1a\x19\x64\x65mo/users/v1/users.proto\"K\n\x12\x43reateOrderRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nproduct_id\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\x05\"\x1d\n\x0fGetOrderRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xb4\x01\n\x05Order\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x04user\x18\x02 \x01(\x0b\x32\x13.demo.users.v1.User\x12\x12\n\nproduct_id\x18\x03 \x01(\t\x12\x14\n\x0cproduct_name\x18\x04 \x01(\t\x12\x18\n\x10unit_price_cents\x18\x05 \x01(\x05\x12\x10\n\x08quantity\x18\x06 \x01(\x05\x12\x13\n\x0btotal_cents\x18\x07 \x01(\x03\x12\x11\n\tserved_by\x18\x08 \x01(\t2\xe2\x01\n\x06Orders\x12g\n\x0b\x43reateOrder\x12\".demo.orders.v1.CreateOrderRequest\x1a\x15.demo.orders.v1.Order\"\x1d\x82\x80\x19\x04\n\x02\x08\x04\x82\xd3\xe4\x93\x02\x0f\"\n/v1/orders:\x01*\x12o\n\x08GetOrder\x12\x1f.demo.orders.v1.GetOrderRequest\x1a\x15.demo.orders.v1.Order\"+\x82\x80\x19\x10\n\x02\x08\x01\x10\x01*\x08\x08\x64\x12\x02\x08\x01\x18\x14\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/orders/{id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,15 +35,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'demo.orders.v1.orders_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ORDERS'].methods_by_name['CreateOrder']._loaded_options = None
-  _globals['_ORDERS'].methods_by_name['CreateOrder']._serialized_options = b'\202\323\344\223\002\017\"\n/v1/orders:\001*'
+  _globals['_ORDERS'].methods_by_name['CreateOrder']._serialized_options = b'\202\200\031\004\n\002\010\004\202\323\344\223\002\017\"\n/v1/orders:\001*'
   _globals['_ORDERS'].methods_by_name['GetOrder']._loaded_options = None
-  _globals['_ORDERS'].methods_by_name['GetOrder']._serialized_options = b'\202\323\344\223\002\021\022\017/v1/orders/{id}'
-  _globals['_CREATEORDERREQUEST']._serialized_start=104
-  _globals['_CREATEORDERREQUEST']._serialized_end=179
-  _globals['_GETORDERREQUEST']._serialized_start=181
-  _globals['_GETORDERREQUEST']._serialized_end=210
-  _globals['_ORDER']._serialized_start=213
-  _globals['_ORDER']._serialized_end=393
-  _globals['_ORDERS']._serialized_start=396
-  _globals['_ORDERS']._serialized_end=594
+  _globals['_ORDERS'].methods_by_name['GetOrder']._serialized_options = b'\202\200\031\020\n\002\010\001\020\001*\010\010d\022\002\010\001\030\024\202\323\344\223\002\021\022\017/v1/orders/{id}'
+  _globals['_CREATEORDERREQUEST']._serialized_start=130
+  _globals['_CREATEORDERREQUEST']._serialized_end=205
+  _globals['_GETORDERREQUEST']._serialized_start=207
+  _globals['_GETORDERREQUEST']._serialized_end=236
+  _globals['_ORDER']._serialized_start=239
+  _globals['_ORDER']._serialized_end=419
+  _globals['_ORDERS']._serialized_start=422
+  _globals['_ORDERS']._serialized_end=648
 # @@protoc_insertion_point(module_scope)

@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from meshapi.v1 import options_pb2 as meshapi_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64\x65mo/users/v1/users.proto\x12\rdemo.users.v1\x1a\x1cgoogle/api/annotations.proto\"B\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x11\n\tserved_by\x18\x04 \x01(\t\"\x1c\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\"%\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\"0\n\x11\x43reateUserRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\"c\n\x13\x43reateUsersResponse\x12\x15\n\rcreated_count\x18\x01 \x01(\x05\x12\"\n\x05users\x18\x02 \x03(\x0b\x32\x13.demo.users.v1.User\x12\x11\n\tserved_by\x18\x03 \x01(\t\"\x1b\n\x0b\x43hatRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"<\n\x0c\x43hatResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x11\n\tserved_by\x18\x03 \x01(\t2\xee\x02\n\x05Users\x12U\n\x07GetUser\x12\x1d.demo.users.v1.GetUserRequest\x1a\x13.demo.users.v1.User\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/v1/users/{id}\x12V\n\tListUsers\x12\x1f.demo.users.v1.ListUsersRequest\x1a\x13.demo.users.v1.User\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/users0\x01\x12q\n\x0b\x43reateUsers\x12 .demo.users.v1.CreateUserRequest\x1a\".demo.users.v1.CreateUsersResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/users:batch:\x01*(\x01\x12\x43\n\x04\x43hat\x12\x1a.demo.users.v1.ChatRequest\x1a\x1b.demo.users.v1.ChatResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64\x65mo/users/v1/users.proto\x12\rdemo.users.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x18meshapi/v1/options.proto\"B\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x11\n\tserved_by\x18\x04 \x01(\t\"\x1c\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\"%\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\"0\n\x11\x43reateUserRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\"c\n\x13\x43reateUsersResponse\x12\x15\n\rcreated_count\x18\x01 \x01(\x05\x12\"\n\x05users\x18\x02 \x03(\x0b\x32\x13.demo.users.v1.User\x12\x11\n\tserved_by\x18\x03 \x01(\t\"\x1b\n\x0b\x43hatRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"<\n\x0c\x43hatResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x11\n\tserved_by\x18\x03 \x01(\t2\xf8\x02\n\x05Users\x12_\n\x07GetUser\x12\x1d.demo.users.v1.GetUserRequest\x1a\x13.demo.users.v1.User\" \x82\x80\x19\x06\n\x02\x08\x02\x10\x01\x82\xd3\xe4\x93\x02\x10\x12\x0e/v1/users/{id}\x12V\n\tListUsers\x12\x1f.demo.users.v1.ListUsersRequest\x1a\x13.demo.users.v1.User\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/users0\x01\x12q\n\x0b\x43reateUsers\x12 .demo.users.v1.CreateUserRequest\x1a\".demo.users.v1.CreateUsersResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/users:batch:\x01*(\x01\x12\x43\n\x04\x43hat\x12\x1a.demo.users.v1.ChatRequest\x1a\x1b.demo.users.v1.ChatResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,25 +34,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'demo.users.v1.users_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_USERS'].methods_by_name['GetUser']._loaded_options = None
-  _globals['_USERS'].methods_by_name['GetUser']._serialized_options = b'\202\323\344\223\002\020\022\016/v1/users/{id}'
+  _globals['_USERS'].methods_by_name['GetUser']._serialized_options = b'\202\200\031\006\n\002\010\002\020\001\202\323\344\223\002\020\022\016/v1/users/{id}'
   _globals['_USERS'].methods_by_name['ListUsers']._loaded_options = None
   _globals['_USERS'].methods_by_name['ListUsers']._serialized_options = b'\202\323\344\223\002\013\022\t/v1/users'
   _globals['_USERS'].methods_by_name['CreateUsers']._loaded_options = None
   _globals['_USERS'].methods_by_name['CreateUsers']._serialized_options = b'\202\323\344\223\002\024\"\017/v1/users:batch:\001*'
-  _globals['_USER']._serialized_start=74
-  _globals['_USER']._serialized_end=140
-  _globals['_GETUSERREQUEST']._serialized_start=142
-  _globals['_GETUSERREQUEST']._serialized_end=170
-  _globals['_LISTUSERSREQUEST']._serialized_start=172
-  _globals['_LISTUSERSREQUEST']._serialized_end=209
-  _globals['_CREATEUSERREQUEST']._serialized_start=211
-  _globals['_CREATEUSERREQUEST']._serialized_end=259
-  _globals['_CREATEUSERSRESPONSE']._serialized_start=261
-  _globals['_CREATEUSERSRESPONSE']._serialized_end=360
-  _globals['_CHATREQUEST']._serialized_start=362
-  _globals['_CHATREQUEST']._serialized_end=389
-  _globals['_CHATRESPONSE']._serialized_start=391
-  _globals['_CHATRESPONSE']._serialized_end=451
-  _globals['_USERS']._serialized_start=454
-  _globals['_USERS']._serialized_end=820
+  _globals['_USER']._serialized_start=100
+  _globals['_USER']._serialized_end=166
+  _globals['_GETUSERREQUEST']._serialized_start=168
+  _globals['_GETUSERREQUEST']._serialized_end=196
+  _globals['_LISTUSERSREQUEST']._serialized_start=198
+  _globals['_LISTUSERSREQUEST']._serialized_end=235
+  _globals['_CREATEUSERREQUEST']._serialized_start=237
+  _globals['_CREATEUSERREQUEST']._serialized_end=285
+  _globals['_CREATEUSERSRESPONSE']._serialized_start=287
+  _globals['_CREATEUSERSRESPONSE']._serialized_end=386
+  _globals['_CHATREQUEST']._serialized_start=388
+  _globals['_CHATREQUEST']._serialized_end=415
+  _globals['_CHATRESPONSE']._serialized_start=417
+  _globals['_CHATRESPONSE']._serialized_end=477
+  _globals['_USERS']._serialized_start=480
+  _globals['_USERS']._serialized_end=856
 # @@protoc_insertion_point(module_scope)

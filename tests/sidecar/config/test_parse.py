@@ -164,7 +164,7 @@ services:
     assert route.hash_policies[0].kind == "cookie" and route.hash_policies[0].name == "session"
 
 
-def test_ring_hash_function_and_health_checks_are_refused_by_name():
+def test_ring_hash_function_and_incomplete_health_checks_are_refused_by_name():
     c = build.cluster("c", "ring_hash", False, 1.0)
     c.ring_hash_lb_config.hash_function = cluster_pb2.Cluster.RingHashLbConfig.MURMUR_HASH_2
     with pytest.raises(ConfigError) as info:
@@ -174,4 +174,4 @@ def test_ring_hash_function_and_health_checks_are_refused_by_name():
     c.health_checks.add().interval.seconds = 1
     with pytest.raises(ConfigError) as info:
         parse_cluster(c)
-    assert info.value.where == "Cluster c.health_checks"
+    assert info.value.where == "Cluster c.health_checks[0].timeout"  # required, like in Envoy
