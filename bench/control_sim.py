@@ -85,6 +85,89 @@ def has_marker(resources, port: int) -> bool:
     return False
 
 
+class Subscriber:
+    """What one simulated sidecar holds and subscribes to, and the requests that follow from a
+    response: its ACK, then new EDS/RDS subscriptions when the clusters or listeners changed."""
+
+    DEPENDENTS = {xdstypes.CLUSTER: (xdstypes.ENDPOINT, eds_names), xdstypes.LISTENER: (xdstypes.ROUTE, rds_names)}
+
+    def __init__(self, node: base_pb2.Node):
+        self.node = node
+        self.held: dict[str, str] = {}  # type -> last ACKed version (what a sidecar persists)
+        self.nonce: dict[str, str] = {}
+        self.names: dict[str, list[str]] = {xdstypes.ENDPOINT: [], xdstypes.ROUTE: []}
+
+    def opening(self) -> list[discovery_pb2.DiscoveryRequest]:
+        """First requests of a stream: wildcard CDS/LDS, named EDS/RDS if already known, each
+        with the version held (a resumed sidecar), the node on the first."""
+        self.nonce = {}  # nonces belong to one stream
+        out = []
+        for t in (xdstypes.CLUSTER, xdstypes.LISTENER, xdstypes.ENDPOINT, xdstypes.ROUTE):
+            if t in self.names and not self.names[t]:
+                continue
+            out.append(discovery_pb2.DiscoveryRequest(type_url=t, version_info=self.held.get(t, ""),
+                                                      resource_names=self.names.get(t, [])))
+        out[0].node.CopyFrom(self.node)
+        return out
+
+    def answer(self, resp: discovery_pb2.DiscoveryResponse) -> list[discovery_pb2.DiscoveryRequest]:
+        t = resp.type_url
+        self.held[t], self.nonce[t] = resp.version_info, resp.nonce
+        out = [discovery_pb2.DiscoveryRequest(type_url=t, version_info=resp.version_info,
+                                              response_nonce=resp.nonce, resource_names=self.names.get(t, []))]
+        dep = self.DEPENDENTS.get(t)
+        if dep:
+            dep_type, names_of = dep
+            wanted = names_of(resp.resources)
+            if wanted != self.names[dep_type]:
+                self.names[dep_type] = wanted
+                out.append(discovery_pb2.DiscoveryRequest(
+                    type_url=dep_type, version_info=self.held.get(dep_type, ""),
+                    response_nonce=self.nonce.get(dep_type, ""), resource_names=wanted))
+        return out
+
+
+async def run_stream(xds: str, sub: Subscriber, stop: asyncio.Event, on_response, options=(),
+                     wait_for_ready: bool = False) -> str:
+    """One ADS stream: send `sub.opening()`, then for every response call `on_response(resp)`
+    and send `sub.answer(resp)`; until `stop` or the stream ends.  Returns the error, or ""."""
+    outbox: asyncio.Queue = asyncio.Queue()
+    for req in sub.opening():
+        outbox.put_nowait(req)
+
+    async def requests():
+        while True:
+            item = await outbox.get()
+            if item is None:
+                return
+            yield item
+
+    opts = [("grpc.use_local_subchannel_pool", 1), *options]
+    async with grpc.aio.insecure_channel(xds, options=opts) as ch:
+        call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch).StreamAggregatedResources(
+            requests(), wait_for_ready=wait_for_ready)
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            while True:
+                read = asyncio.ensure_future(call.read())
+                done, _ = await asyncio.wait({read, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if read not in done:
+                    read.cancel()
+                    call.cancel()
+                    return ""
+                resp = read.result()
+                if resp is grpc.aio.EOF:
+                    return "stream ended"
+                on_response(resp)
+                for req in sub.answer(resp):
+                    outbox.put_nowait(req)
+        except grpc.aio.AioRpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
+        finally:
+            stopper.cancel()
+            outbox.put_nowait(None)
+
+
 class Sim:
     def __init__(self, i: int, args):
         self.i, self.args = i, args
@@ -95,64 +178,20 @@ class Sim:
 
     async def run(self, stop: asyncio.Event, progress) -> None:
         a = self.args
-        outbox: asyncio.Queue = asyncio.Queue()
-        names = {xdstypes.ENDPOINT: [], xdstypes.ROUTE: []}
-        last = {t: ("", "") for t in xdstypes.PUSH_ORDER}  # type -> (version, nonce)
-        first = discovery_pb2.DiscoveryRequest(type_url=xdstypes.CLUSTER, node=sim_node(self.i, a.services))
-        outbox.put_nowait(first)
-        outbox.put_nowait(discovery_pb2.DiscoveryRequest(type_url=xdstypes.LISTENER))
 
-        async def requests():
-            while True:
-                item = await outbox.get()
-                if item is None:
-                    return
-                yield item
+        def seen(resp) -> None:
+            t = resp.type_url
+            progress.rx = time.time()
+            self.seen_types.add(t)
+            if self.synced_at is None and len(self.seen_types) == 4:
+                self.synced_at = time.time()
+            if t == xdstypes.ENDPOINT and self.marker_at is None and has_marker(resp.resources, a.marker_port):
+                self.marker_at = time.time()
+                progress.marked += 1
+                if progress.marked >= progress.total:
+                    stop.set()
 
-        async with grpc.aio.insecure_channel(a.xds, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
-            call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch).StreamAggregatedResources(requests())
-            stopper = asyncio.ensure_future(stop.wait())
-            try:
-                while True:
-                    read = asyncio.ensure_future(call.read())
-                    done, _ = await asyncio.wait({read, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                    if read not in done:
-                        read.cancel()
-                        call.cancel()
-                        return
-                    resp = read.result()
-                    if resp is grpc.aio.EOF:
-                        self.error = "stream ended"
-                        return
-                    t = resp.type_url
-                    last[t] = (resp.version_info, resp.nonce)
-                    outbox.put_nowait(discovery_pb2.DiscoveryRequest(
-                        type_url=t, version_info=resp.version_info, response_nonce=resp.nonce,
-                        resource_names=names.get(t, [])))
-                    progress.rx = time.time()
-                    self.seen_types.add(t)
-                    if self.synced_at is None and len(self.seen_types) == 4:
-                        self.synced_at = time.time()
-                    if t == xdstypes.ENDPOINT and self.marker_at is None and has_marker(resp.resources, a.marker_port):
-                        self.marker_at = time.time()
-                        progress.marked += 1
-                        if progress.marked >= progress.total:
-                            stop.set()
-                    dep = {xdstypes.CLUSTER: (xdstypes.ENDPOINT, eds_names),
-                           xdstypes.LISTENER: (xdstypes.ROUTE, rds_names)}.get(t)
-                    if dep:
-                        dep_type, fn = dep
-                        wanted = fn(resp.resources)
-                        if wanted != names[dep_type]:
-                            names[dep_type] = wanted
-                            v, n = last[dep_type]
-                            outbox.put_nowait(discovery_pb2.DiscoveryRequest(
-                                type_url=dep_type, version_info=v, response_nonce=n, resource_names=wanted))
-            except grpc.aio.AioRpcError as exc:
-                self.error = f"{exc.code().name}: {exc.details()}"
-            finally:
-                stopper.cancel()
-                outbox.put_nowait(None)
+        self.error = await run_stream(a.xds, Subscriber(sim_node(self.i, a.services)), stop, seen)
 
 
 class Progress:

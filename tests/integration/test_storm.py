@@ -40,9 +40,9 @@ class Resuming:
     {"at": start time, "counts": {type: n}, "versions": {type: [v, …]}, "synced_at": t | None}."""
 
     def __init__(self, i: int, xds: str):
+        from bench.control_sim import Subscriber, sim_node
         self.i, self.xds = i, xds
-        self.held: dict[str, str] = {}  # type_url -> last ACKed version (what a sidecar persists)
-        self.names: dict[str, list[str]] = {}
+        self.sub = Subscriber(sim_node(i, SERVICES))  # kept across connections: held versions resume
         self.conns: list[dict] = []
         self.errors: list[str] = []
 
@@ -59,76 +59,25 @@ class Resuming:
                 pass
 
     async def _connect_once(self, stop: asyncio.Event) -> None:
-        from bench.control_sim import eds_names, rds_names, sim_node
-        from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-        import grpc
-
+        from bench.control_sim import run_stream
         from protomesh import xdstypes
-        short = xdstypes.SHORT
-        outbox: asyncio.Queue = asyncio.Queue()
-        node = sim_node(self.i, SERVICES)
-        for n, t in enumerate((xdstypes.CLUSTER, xdstypes.LISTENER, xdstypes.ENDPOINT, xdstypes.ROUTE)):
-            if t in (xdstypes.ENDPOINT, xdstypes.ROUTE) and not self.names.get(t):
-                continue
-            outbox.put_nowait(discovery_pb2.DiscoveryRequest(
-                type_url=t, version_info=self.held.get(t, ""), resource_names=self.names.get(t, []),
-                node=node if n == 0 else None))
-
-        async def requests():
-            while True:
-                item = await outbox.get()
-                if item is None:
-                    return
-                yield item
-
         conn = {"at": time.time(), "counts": {}, "versions": {}, "synced_at": None}
-        opts = [("grpc.use_local_subchannel_pool", 1), ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
-        async with grpc.aio.insecure_channel(self.xds, options=opts) as ch:
-            call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch).StreamAggregatedResources(
-                requests(), wait_for_ready=True)
-            stopper = asyncio.ensure_future(stop.wait())
-            try:
-                while True:
-                    read = asyncio.ensure_future(call.read())
-                    done, _ = await asyncio.wait({read, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                    if read not in done:
-                        read.cancel()
-                        call.cancel()
-                        return
-                    resp = read.result()
-                    if resp is grpc.aio.EOF:
-                        self.errors.append("stream ended")
-                        return
-                    if not conn["counts"]:
-                        self.conns.append(conn)
-                    t = resp.type_url
-                    s = short[t]
-                    conn["counts"][s] = conn["counts"].get(s, 0) + 1
-                    conn["versions"].setdefault(s, []).append(resp.version_info)
-                    conn["last_rx"] = time.time()
-                    self.held[t] = resp.version_info
-                    outbox.put_nowait(discovery_pb2.DiscoveryRequest(
-                        type_url=t, version_info=resp.version_info, response_nonce=resp.nonce,
-                        resource_names=self.names.get(t, [])))
-                    dep = {xdstypes.CLUSTER: (xdstypes.ENDPOINT, eds_names),
-                           xdstypes.LISTENER: (xdstypes.ROUTE, rds_names)}.get(t)
-                    if dep:
-                        dep_type, fn = dep
-                        wanted = fn(resp.resources)
-                        if wanted != self.names.get(dep_type):
-                            self.names[dep_type] = wanted
-                            outbox.put_nowait(discovery_pb2.DiscoveryRequest(
-                                type_url=dep_type, version_info=self.held.get(dep_type, ""),
-                                resource_names=wanted))
-                    if conn["synced_at"] is None and set(conn["counts"]) == set(TYPES):
-                        conn["synced_at"] = time.time()
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.CANCELLED:
-                    self.errors.append(exc.code().name)
-            finally:
-                stopper.cancel()
-                outbox.put_nowait(None)
+
+        def count(resp) -> None:
+            if not conn["counts"]:
+                self.conns.append(conn)
+            s = xdstypes.SHORT[resp.type_url]
+            conn["counts"][s] = conn["counts"].get(s, 0) + 1
+            conn["versions"].setdefault(s, []).append(resp.version_info)
+            conn["last_rx"] = time.time()
+            if conn["synced_at"] is None and set(conn["counts"]) == set(TYPES):
+                conn["synced_at"] = time.time()
+
+        opts = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 500)]
+        error = await run_stream(self.xds, self.sub, stop, count, options=opts, wait_for_ready=True)
+        if error and not error.startswith("CANCELLED"):
+            self.errors.append(error.split(":")[0])
 
 
 async def _worker(args) -> None:
