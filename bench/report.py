@@ -74,6 +74,11 @@ def table(results: dict) -> str:
                      f"{_fmt(mem.get('idle_rss_mb')):>10} {_ratio(mem.get('idle_rss_mb'), mem.get('envoy_idle_rss_mb')):>9}")
         lines.append(f"{'RSS MB peak after HTTP load':34} {'':>10} {_fmt(mem.get('envoy_loaded_rss_mb')):>10} "
                      f"{_fmt(mem.get('loaded_rss_mb')):>10} {_ratio(mem.get('loaded_rss_mb'), mem.get('envoy_loaded_rss_mb')):>9}")
+    wk = results.get("workers")
+    if wk and "scaling" in wk:
+        lines.append("")
+        lines.append(f"--workers: HTTP req/s with 1 worker {_fmt(wk['one_worker_req_per_s'])}, with 2 "
+                     f"{_fmt(wk['two_workers_req_per_s'])} ({wk['scaling']}x; {wk['note']})")
     ctl = results.get("control")
     if ctl:
         lines.append("")

@@ -14,19 +14,18 @@ import collections
 import json
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bench import chart, machine, procs, readme, report
-from bench.cases import control, grpc_stream, grpc_unary, http, latency, memory
+from bench.cases import control, grpc_stream, grpc_unary, http, latency, memory, workers
 from bench.mesh import PROTOMESH
 from bench.setup import Ctx, start_all
 
 CASES = ("http", "grpc_unary", "grpc_stream", "latency", "control", "workers")
-DATA_PLANE = {"http", "grpc_unary", "grpc_stream", "latency"}
+DATA_PLANE = {"http", "grpc_unary", "grpc_stream", "latency", "workers"}
 
 
 def parse_args(argv=None):
@@ -93,11 +92,6 @@ def log_problems(path: Path, limit: int = 8) -> list[str]:
     return bad[:limit] + ([f"... {len(bad) - limit} more"] if len(bad) > limit else [])
 
 
-def has_workers_flag() -> bool:
-    out = subprocess.run([str(PROTOMESH), "sidecar", "--help"], capture_output=True, text=True, timeout=30)
-    return "--workers" in out.stdout
-
-
 def run(a) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="protomesh-bench-"))
     ctx = Ctx(a, workdir, procs.Procs(workdir))
@@ -126,6 +120,9 @@ def run(a) -> dict:
                     results["memory"].update(loaded_rss_mb=peak["protomesh"]["VmHWM"],
                                              envoy_loaded_rss_mb=peak["envoy"]["VmHWM"],
                                              loaded_after=name)
+            if "workers" in a.only:
+                print("bench: workers ...", flush=True)
+                results["workers"] = workers.run(ctx)
             time.sleep(1.0)  # the gateway flushes its access log twice a second
             results["protomesh_access_log"] = access_log_summary(ctx.mesh.access_log)
             results["protomesh_log_problems"] = log_problems(workdir / "gateway.log")
@@ -135,9 +132,6 @@ def run(a) -> dict:
             print(f"bench: control ({a.control_streams} streams) ...", flush=True)
             results["control"] = control.run(ctx)
             results["control_log_problems"] = log_problems(workdir / "control-bench.log")
-        if "workers" in a.only:
-            results["workers"] = {"skipped": "protomesh sidecar has no --workers flag"} if not has_workers_flag() \
-                else {"skipped": "--workers exists but this benchmark does not measure it yet"}
         results["notes"] = ctx.notes
     finally:
         ctx.procs.stop_all()
