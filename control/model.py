@@ -299,8 +299,11 @@ def _parse_service(name: str, d: dict, file: str, base: Path, proto_paths, compi
                         "add proto: path/to/service.proto (relative to proto_paths)")
     traffic = _parse_traffic(d, lb, file, where)
     overrides = _parse_method_overrides(d.get("methods"), grpc_services, file, where)
-    return Service(name, protocol, lb, timeout or None, connect, endpoints, tuple(protos), grpc_services, traffic,
-                   overrides)
+    service = Service(name, protocol, lb, timeout or None, connect, endpoints, tuple(protos), grpc_services, traffic,
+                      overrides)
+    from control.sources.options import check_policies
+    check_policies(service, file)  # policy declared in the protos is validated at load, like mesh.yaml
+    return service
 
 
 def _parse_method_overrides(value, grpc_services, file: str, where: str) -> tuple:

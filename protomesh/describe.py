@@ -8,7 +8,7 @@ import sys
 
 from control.errors import MeshError
 from control.model import load_mesh
-from control.sources.options import FIELDS, Value, declared, rpc_policies
+from control.sources.options import FIELDS, NOT_ENFORCED, Value, declared, rpc_policies
 from control.sources.protos import compile_descriptor_set
 
 KINDS = {(False, False): "unary", (False, True): "server streaming", (True, False): "client streaming",
@@ -46,7 +46,8 @@ def render(policies: dict) -> str:
             if v is None:
                 continue
             shown = _show(name, v.value)
-            lines.append(f"  {name:22} {shown:18} {v.source}")
+            note = "  (shown, not enforced by this version)" if name in NOT_ENFORCED and v.value else ""
+            lines.append(f"  {name:22} {shown:18} {v.source}{note}")
         lines.append("")
     return "\n".join(lines)
 

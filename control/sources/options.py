@@ -8,12 +8,15 @@ keeps the service's retry policy.  Pure: a FileDescriptorSet in, plain values ou
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from google.protobuf import descriptor_pb2, duration_pb2
 
 from control.errors import MeshError
 from meshapi.v1 import options_pb2
+
+log = logging.getLogger("protomesh.control")
 
 DURATION_FIELDS = {"timeout", "retry.per_try_timeout", "rate_limit.per", "cache_ttl"}
 FIELDS = ("timeout", "idempotent", "retry.attempts", "retry.per_try_timeout", "retry.on",
@@ -175,3 +178,57 @@ def rate_limit(policy: RpcPolicy) -> tuple[int, float, int] | None:
     if not requests:
         return None
     return int(requests), float(policy.get("rate_limit.per") or 1.0), int(policy.get("rate_limit.burst") or 0)
+
+
+# gRPC status names a proto's `retry.on` may list → Envoy's retry_on conditions for gRPC.
+GRPC_RETRY_ON = {"CANCELLED": "cancelled", "DEADLINE_EXCEEDED": "deadline-exceeded", "INTERNAL": "internal",
+                 "RESOURCE_EXHAUSTED": "resource-exhausted", "UNAVAILABLE": "unavailable"}
+# Conditions under which the request never reached the app: safe to retry any rpc.
+SAFE_RETRY_ON = ("connect-failure", "refused-stream")
+
+
+# Options this version parses and shows but cannot enforce yet.  `auth` fails closed: a service
+# that declares required credentials must not run open because the mesh cannot check them.
+NOT_ENFORCED = ("cache_ttl", "validate")
+
+
+def check_policies(service, file: str) -> None:
+    """Refuse, at load, policy the mesh cannot honour; warn about policy it only displays."""
+    for pol in service_policies(service).values():
+        for code in pol.get("retry.on", ()) or ():
+            if code not in GRPC_RETRY_ON:
+                raise MeshError(file, f"{pol.path} retry.on", f"{code!r} is not a retriable gRPC status "
+                                f"(from {pol.values['retry.on'].source})", f"use some of: {', '.join(GRPC_RETRY_ON)}")
+        for name in ("auth.required", "auth.scopes"):
+            v = pol.values.get(name)
+            if declared(v) and v.value:
+                raise MeshError(file, f"{pol.path} {name}", f"authentication is declared ({v.source}) but this "
+                                "version of protomesh cannot enforce it, and will not serve the rpc open",
+                                "remove the auth option until the mesh's authentication filter is configured")
+        for name in NOT_ENFORCED:
+            v = pol.values.get(name)
+            if declared(v) and v.value:
+                log.warning("%s: %s %s is declared (%s) but not enforced by this version of protomesh",
+                            file, pol.path, name, v.source)
+
+
+def rpc_retries(policy: RpcPolicy, service_retries):
+    """The retry policy of one rpc's route (a control.model.Retries, or None).
+
+    Retry only what is safe: an rpc whose proto (or a mesh.yaml methods override) declares
+    `retry` gets exactly that; an rpc marked `idempotent` gets the service's mesh.yaml retries;
+    any other rpc is retried only when the request provably never reached the app (connect
+    failure, refused stream) — a retry after the app saw it could run it twice."""
+    from dataclasses import replace
+
+    from control.model import Retries
+    attempts = policy.values.get("retry.attempts")
+    if declared(attempts) and attempts.value > 1:
+        on = tuple(GRPC_RETRY_ON[c] for c in (policy.get("retry.on") or ("UNAVAILABLE",)))
+        return Retries(on=SAFE_RETRY_ON + on, attempts=int(attempts.value) - 1,
+                       per_try_timeout_s=policy.get("retry.per_try_timeout") or None)
+    if service_retries is None:
+        return None
+    if policy.get("idempotent"):
+        return service_retries
+    return replace(service_retries, on=SAFE_RETRY_ON, status_codes=())

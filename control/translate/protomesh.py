@@ -12,7 +12,7 @@ from envoy.config.core.v3 import base_pb2
 
 from control.model import Mesh
 from control.registry import Registration, Registry
-from control.sources.options import rate_limit, route_timeout, service_policies
+from control.sources.options import rate_limit, route_timeout, rpc_retries, service_policies
 from control.translate import build
 from protomesh import xdstypes
 
@@ -125,7 +125,7 @@ def gateway_rpc_routes(r, svc, http: bool) -> list:
                      timeout_s=timeout if timeout is not None else 0.0, rewrite_prefix=None)
         route = build.gateway_route(rr, None)
         if len(r.split) == 1:
-            build.apply_traffic_route(route, svc.traffic, False)
+            rpc_traffic(route, svc, pol)
         limit = rate_limit(pol)
         if limit is not None:
             build.route_rate_limit(route, *limit, grpc=not http)
@@ -190,14 +190,22 @@ def gateway_view(mesh: Mesh, endpoints: dict, clusters: dict) -> dict[str, dict]
 
 
 def rpc_timeout_routes(svc, prefix: str, cluster: str, traffic: bool = True) -> list:
-    """`path: /pkg.Service/Method` routes for the rpcs whose effective timeout differs from the
-    service's (a proto option, a mesh.yaml methods override, or a stream that must not be cut)."""
+    """`path: /pkg.Service/Method` routes for the rpcs whose effective timeout or retry policy
+    differs from the service's (a proto option, a mesh.yaml methods override, a stream that must
+    not be cut, an rpc that is not safe to retry)."""
     out = []
     for path, pol in service_policies(svc).items():
         timeout = route_timeout(pol)
-        if timeout == svc.timeout_s:
+        if timeout == svc.timeout_s and (not traffic or rpc_retries(pol, svc.traffic.retries) == svc.traffic.retries):
             continue
         route = build.route(f"{prefix}-{path.strip('/')}", path=path, grpc=True, split=((cluster, 1),),
                             timeout_s=timeout)
-        out.append(build.apply_traffic_route(route, svc.traffic, False) if traffic else route)
+        out.append(rpc_traffic(route, svc, pol) if traffic else route)
     return out
+
+
+def rpc_traffic(route, svc, pol):
+    """The service's hash policies and the rpc's own retry policy (see `rpc_retries`: only
+    what is safe for that rpc) on its per-rpc route."""
+    from dataclasses import replace
+    return build.apply_traffic_route(route, replace(svc.traffic, retries=rpc_retries(pol, svc.traffic.retries)), False)

@@ -49,3 +49,36 @@ def test_bad_override_names_field_and_fix():
         flatten_override({"retry": {"tries": 3}}, "mesh.yaml", "services.shop.methods.Get", parse_duration)
     assert info.value.field == "services.shop.methods.Get.retry.tries"
     assert "retry.attempts" in info.value.fix
+
+
+def test_retries_only_what_is_safe(fds):
+    from control.model import Retries
+    from control.sources.options import SAFE_RETRY_ON, rpc_retries
+    pol = rpc_policies(fds, ["policytest.v1.Shop"])
+    service = Retries(on=("5xx", "unavailable"), attempts=3)
+    # Get: the proto's service defaults declare retry {attempts: 2 on: UNAVAILABLE}: exactly that.
+    get = rpc_retries(pol["/policytest.v1.Shop/Get"], service)
+    assert get.attempts == 1 and get.on == SAFE_RETRY_ON + ("unavailable",)
+    # An rpc with no retry of its own: idempotent ones get the service's, others only safe ones.
+    plain = rpc_policies(fds, ["policytest.v1.Shop"], overrides={"*": {"retry.attempts": Value(1, "mesh.yaml x")}})
+    watch = plain["/policytest.v1.Shop/Watch"]
+    assert rpc_retries(watch, service).on == SAFE_RETRY_ON and rpc_retries(watch, service).attempts == 3
+    idem = rpc_policies(fds, ["policytest.v1.Shop"], overrides={
+        "Watch": {"idempotent": Value(True, "mesh.yaml services.shop.methods.Watch")},
+        "*": {"retry.attempts": Value(1, "mesh.yaml x")}})["/policytest.v1.Shop/Watch"]
+    assert rpc_retries(idem, service) == service
+    assert rpc_retries(watch, None) is None
+
+
+def test_declared_auth_fails_closed_and_bad_retry_codes_are_refused(fds):
+    from control.model import GrpcService, Service
+    from control.sources.options import check_policies
+    svc = Service("shop", "grpc", grpc_services=(GrpcService("policytest.v1.Shop", (), "policy.proto", fds),))
+    with pytest.raises(MeshError) as info:
+        check_policies(svc, "mesh.yaml")
+    assert "Buy auth" in info.value.field and "cannot enforce" in info.value.reason
+    bad = Service("shop", "grpc", grpc_services=svc.grpc_services, method_overrides=(
+        ("Buy", (("auth.required", Value(False, "mesh.yaml")), ("auth.scopes", Value((), "mesh.yaml")))),
+        ("Get", (("retry.on", Value(("NOT_FOUND",), "mesh.yaml services.shop.methods.Get")),))))
+    with pytest.raises(MeshError, match="NOT_FOUND"):
+        check_policies(bad, "mesh.yaml")
