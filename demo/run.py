@@ -110,10 +110,7 @@ async def run_demo(args) -> int:
     code = 0
     try:
         print(f"starting the mesh (logs in {out / 'logs'}) ...", flush=True)
-        if args.envoy:
-            await asyncio.to_thread(topo.start_all_with_envoy, args.users_replicas, args.envoy)
-        else:
-            await asyncio.to_thread(topo.start_all, args.users_replicas)
+        await asyncio.to_thread(topo.start_all, args.users_replicas, args.envoy)
         print(f"mesh ready: gateway http://127.0.0.1:{topo.gateway_http} (HTTP) and 127.0.0.1:{topo.gateway_grpc} (gRPC); "
               f"control xDS 127.0.0.1:{topo.xds_port}", flush=True)
         driver = Driver(f"http://127.0.0.1:{topo.gateway_http}", f"127.0.0.1:{topo.gateway_grpc}", results)

@@ -128,22 +128,25 @@ class Topology:
         self.instances.append(inst)
         return inst
 
-    def start_envoy_instance(self, service: str, replica: str, *, delta: bool = False) -> Instance:
+    def start_envoy_instance(self, service: str, replica: str, *, delta: bool = False,
+                             users: str | None = None, app_env: dict | None = None) -> Instance:
         """One replica of `service` behind a real Envoy sidecar instead of ours: the app is the
         same, Envoy's listeners (inbound, outbound HTTP/gRPC) all come from the control server.
+        For orders, `users` replaces the Envoy's outbound gRPC listener as the users target
+        (e.g. `xds:///users`, proxyless, with the grpc xDS bootstrap in `app_env`).
         Needs `.venv-envoy` (`make envoy-venv`)."""
         from protomesh import envoy
         inst = Instance(service, replica, free_port(), free_port(), free_port(), free_port(), free_port())
         app_args = ["service", service, "--listen", f"127.0.0.1:{inst.app_port}", "--replica", replica,
                     *self._otlp_args()]
         if service == "orders":
-            app_args += ["--users", f"127.0.0.1:{inst.outbound_grpc}",
+            app_args += ["--users", users or f"127.0.0.1:{inst.outbound_grpc}",
                          "--products", f"127.0.0.1:{inst.outbound_http}"]
         meta = envoy.node_metadata(
             service=service, protocol=PROTOCOLS.get(service, ""), app=f"127.0.0.1:{inst.app_port}",
             inbound=f"127.0.0.1:{inst.inbound}", outbound_http=f"127.0.0.1:{inst.outbound_http}",
             outbound_grpc=f"127.0.0.1:{inst.outbound_grpc}", labels={"replica": replica})
-        inst.app = self.launcher.start(replica, app_args)
+        inst.app = self.launcher.start(replica, app_args, env=app_env)
         inst.sidecar = envoy.start(self.launcher, f"{replica}-envoy", envoy.bootstrap(
             f"{replica}-envoy", service, self.control_addr, inst.admin, meta, delta=delta))
         self.instances.append(inst)
@@ -189,46 +192,29 @@ class Topology:
             return n >= count if at_least else n == count
         wait_until(seen, timeout_s, f"{count} endpoints of {cluster} on admin port {admin_port}")
 
-    def start_all(self, users_replicas: int = 2) -> None:
-        self.start_control()
-        for i in range(users_replicas):
-            self.start_instance("users", f"users-{i + 1}")
-        self.start_instance("orders", "orders-1")
-        self.start_instance("products", "products-1")
-        self.start_gateway()
-        self.wait_ready()
-        self.wait_endpoints(self.gateway_admin, "users", users_replicas)
-        self.wait_endpoints(self.gateway_admin, "orders", 1)
-        self.wait_endpoints(self.gateway_admin, "products", 1, at_least=True)
-        for inst in self.instances:
-            if inst.service == "orders":
-                self.wait_endpoints(inst.admin, "users", users_replicas)
-                self.wait_endpoints(inst.admin, "products", 1, at_least=True)
-
-    def start_all_with_envoy(self, users_replicas: int = 2, envoy_service: str = "orders") -> None:
-        """Like `start_all`, with every replica of `envoy_service` behind a real Envoy sidecar."""
+    def start_all(self, users_replicas: int = 2, envoy_service: str | None = None) -> None:
+        """The demo mesh; with `envoy_service`, that service's replicas run behind a real Envoy
+        sidecar instead of ours (same control server, same mesh)."""
         from protomesh import envoy
         self.start_control()
-        for i in range(users_replicas):
-            start = self.start_envoy_instance if envoy_service == "users" else self.start_instance
-            start("users", f"users-{i + 1}")
-        for service in ("orders", "products"):
-            start = self.start_envoy_instance if envoy_service == service else self.start_instance
-            start(service, f"{service}-1")
+        for service, replicas in (("users", users_replicas), ("orders", 1), ("products", 1)):
+            start = self.start_envoy_instance if service == envoy_service else self.start_instance
+            for i in range(replicas):
+                start(service, f"{service}-{i + 1}")
         self.start_gateway()
         self.wait_ready()
         self.wait_endpoints(self.gateway_admin, "users", users_replicas)
         self.wait_endpoints(self.gateway_admin, "orders", 1)
         self.wait_endpoints(self.gateway_admin, "products", 1, at_least=True)
         for inst in self.instances:
-            if inst.service == "orders":
-                want = {"users": users_replicas, "products": 1}
-                for cluster, count in want.items():
-                    if envoy_service == "orders":
-                        wait_until(lambda: len(envoy.endpoints(inst.admin, cluster)) >= count, 20,
-                                   f"the orders Envoy to hold {cluster} endpoints", proc=inst.sidecar)
-                    else:
-                        self.wait_endpoints(inst.admin, cluster, count, at_least=True)
+            if inst.service != "orders":
+                continue
+            for cluster, count in (("users", users_replicas), ("products", 1)):
+                if envoy_service == "orders":
+                    wait_until(lambda: len(envoy.endpoints(inst.admin, cluster)) >= count, 20,
+                               f"the orders Envoy to hold {cluster} endpoints", proc=inst.sidecar)
+                else:
+                    self.wait_endpoints(inst.admin, cluster, count, at_least=True)
 
     def stop_all(self) -> None:
         self.launcher.stop_all()

@@ -68,12 +68,13 @@ class Launcher:
         self.procs: list[Proc] = []
         self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
 
-    def start(self, name: str, args: list[str], **ports) -> Proc:
+    def start(self, name: str, args: list[str], *, env: dict | None = None, **ports) -> Proc:
+        """`env` adds to (or overrides) the launcher's environment for this process only."""
         argv = [sys.executable, "-m", "protomesh", *args]
         log_path = self.log_dir / f"{name}.log"
         out = open(log_path, "ab")
-        popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                 start_new_session=True)
+        popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                 env={**self.env, **env} if env else self.env, start_new_session=True)
         out.close()
         proc = Proc(name, argv, log_path, popen, ports)
         self.procs.append(proc)

@@ -3,6 +3,8 @@ products (HTTP/JSON), so one trace shows a gRPC hop and an HTTP hop under the sa
 
 In the mesh ``--users`` is the local sidecar's outbound gRPC listener and ``--products`` its
 outbound HTTP listener; the ``Host: products`` header is how that sidecar picks the route.
+``--users xds:///users`` makes the users hop proxyless: grpc's xDS resolver asks the control
+server (bootstrap from ``GRPC_XDS_BOOTSTRAP_CONFIG``) and dials the users endpoints itself.
 """
 
 from __future__ import annotations
@@ -248,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         "orders", DEFAULT_LISTEN, "Demo orders service (gRPC: demo.orders.v1.Orders)."
     )
     parser.add_argument(
-        "--users", type=runtime.hostport_arg, default=DEFAULT_USERS,
-        help=f"HOST:PORT for gRPC calls to users (the sidecar's outbound gRPC listener; default {DEFAULT_USERS})",
+        "--users", type=runtime.grpc_target_arg, default=DEFAULT_USERS,
+        help=f"HOST:PORT for gRPC calls to users (the sidecar's outbound gRPC listener; default {DEFAULT_USERS}), "
+             "or xds:///users to call users proxyless (needs a grpc xDS bootstrap in the environment)",
     )
     parser.add_argument(
         "--products", type=runtime.hostport_arg, default=DEFAULT_PRODUCTS,

@@ -38,6 +38,20 @@ def hostport_arg(value: str) -> str:
     return value
 
 
+XDS_SCHEME = "xds:///"
+
+
+def grpc_target_arg(value: str) -> str:
+    """HOST:PORT, or ``xds:///NAME`` for a proxyless channel: grpc's own xDS resolver then finds
+    NAME's endpoints, given a bootstrap in ``GRPC_XDS_BOOTSTRAP`` / ``GRPC_XDS_BOOTSTRAP_CONFIG``."""
+    if value.startswith(XDS_SCHEME):
+        name = value[len(XDS_SCHEME):]
+        if not name or "/" in name or any(c.isspace() for c in name):
+            raise argparse.ArgumentTypeError(f"expected xds:///NAME, got {value!r}")
+        return value
+    return hostport_arg(value)
+
+
 def sampling_arg(value: str) -> float:
     try:
         ratio = float(value)
