@@ -11,6 +11,9 @@ help:
 	@echo "make demo   - run the demo mesh (control server, services with sidecars, gateway, traffic, traces)"
 	@echo "make test   - run the whole test suite"
 	@echo "make codegen - regenerate Python code from proto/"
+	@echo "make bench  - direct vs Envoy vs protomesh side by side (installs wrk, h2load, nginx as root)"
+	@echo "make soak   - the demo mesh under load for SOAK_SECONDS, sampling fds and RSS"
+	@echo "make fuzz   - the hypothesis properties with a larger budget (FUZZ_EXAMPLES)"
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "protomesh needs Python 3.11+ (set PY=python3.11)")'
