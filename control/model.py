@@ -150,6 +150,7 @@ class Gateway:
     grpc: tuple[str, int] | None
     routes: tuple[GatewayRoute, ...]
     tcp: tuple["TcpRoute", ...] = ()
+    stream_idle_timeout_s: float | None = None  # None: the data plane's default (Envoy's: 5 min)
 
 
 @dataclass(frozen=True)
@@ -550,7 +551,7 @@ def _parse_telemetry(value, file: str) -> Telemetry:
 
 def _parse_gateway(value, file: str, mesh: Mesh) -> Gateway:
     d = _mapping(value, file, "gateway")
-    _known(d, {"http", "grpc", "routes", "tcp"}, file, "gateway")
+    _known(d, {"http", "grpc", "routes", "tcp", "stream_idle_timeout"}, file, "gateway")
     http = parse_address(d["http"], file, "gateway.http") if d.get("http") else None
     grpc = parse_address(d["grpc"], file, "gateway.grpc") if d.get("grpc") else None
     tcp = _parse_tcp_routes(d.get("tcp"), file, mesh)
@@ -566,7 +567,9 @@ def _parse_gateway(value, file: str, mesh: Mesh) -> Gateway:
             if mesh.services[target].protocol == "tcp":
                 raise MeshError(file, f"gateway.routes[{routes.index(r)}]", f"{target} is a tcp service",
                                 "reach tcp services through gateway.tcp")
-    return Gateway(http, grpc, routes, tcp)
+    idle = parse_duration(d["stream_idle_timeout"], file, "gateway.stream_idle_timeout") \
+        if d.get("stream_idle_timeout") is not None else None
+    return Gateway(http, grpc, routes, tcp, idle)
 
 
 def _parse_tcp_routes(value, file: str, mesh: Mesh) -> tuple[TcpRoute, ...]:

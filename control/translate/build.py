@@ -73,7 +73,8 @@ def grpc_methods(services) -> grpc_methods_pb2.GrpcMethods:
 
 
 def listener(name: str, host: str, port: int, route_config: str, grpc: bool,
-             direction: int = base_pb2.UNSPECIFIED, trace=None, methods=None) -> listener_pb2.Listener:
+             direction: int = base_pb2.UNSPECIFIED, trace=None, methods=None,
+             stream_idle_timeout_s: float | None = None) -> listener_pb2.Listener:
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=name,
         codec_type=hcm_pb2.HttpConnectionManager.HTTP2 if grpc else hcm_pb2.HttpConnectionManager.HTTP1,
@@ -83,6 +84,8 @@ def listener(name: str, host: str, port: int, route_config: str, grpc: bool,
     )
     if trace is not None:
         hcm.tracing.CopyFrom(trace)
+    if stream_idle_timeout_s is not None:
+        hcm.stream_idle_timeout.CopyFrom(duration(stream_idle_timeout_s))
     lst = listener_pb2.Listener(
         name=name, address=socket_address(host, port), traffic_direction=direction,
         filter_chains=[listener_components_pb2.FilterChain(filters=[

@@ -79,7 +79,8 @@ def gateway_view(mesh: Mesh, endpoints: dict, clusters: dict, overrides=()) -> d
             if addr is None:
                 continue
             listeners[name] = build.pack(build.with_http_filters(
-                build.listener(name, *addr, name, protocol == "grpc", base_pb2.UNSPECIFIED, trace),
+                build.listener(name, *addr, name, protocol == "grpc", base_pb2.UNSPECIFIED, trace,
+                               stream_idle_timeout_s=gw.stream_idle_timeout_s),
                 pm.gateway_http_filters(mesh, protocol) + pm.fault_filters(mesh)))  # + fault (issue 4)
             routes[name] = build.pack(build.route_config(name, [build.vhost(name, ["*"], by_protocol[protocol])]))
     return {xdstypes.CLUSTER: clusters, xdstypes.ENDPOINT: endpoints,

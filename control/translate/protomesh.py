@@ -175,7 +175,8 @@ def gateway_view(mesh: Mesh, endpoints: dict, clusters: dict) -> dict[str, dict]
                 continue
             lst = build.with_http_filters(build.listener(name, *addr, name, protocol == "grpc",
                                                          trace=build.tracing(mesh.telemetry, "sidecar.gateway"),
-                                                         methods=mesh_grpc_methods(mesh)),
+                                                         methods=mesh_grpc_methods(mesh),
+                                                         stream_idle_timeout_s=gw.stream_idle_timeout_s),
                                           gateway_http_filters(mesh, protocol))
             if protocol == "grpc":
                 build.with_descriptors(lst, transcoded_services(mesh)[0])

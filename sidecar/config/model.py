@@ -333,6 +333,10 @@ class Listener:
     tracing: "Tracing | None" = None
     grpc_kinds: Mapping[str, str] = field(default_factory=dict)  # "/pkg.S/M" -> unary | server_stream | …
     tcp: "TcpProxy | None" = None  # protocol "tcp": the TcpProxy network filter (issue 4)
+    # HCM stream_idle_timeout: a request/response with no bytes either way for this long is ended
+    # (Envoy's default is 5 minutes; None disables).  Without it a stalled upload holds two
+    # connections for as long as the upstream does.
+    stream_idle_timeout_s: float | None = 300.0
     # Protobuf-first gateway (sidecar/filters/): a built sidecar.transcode.Transcoder from the
     # grpc_json_transcoder filter, gRPC-Web on, and the descriptor set served by reflection.
     transcoder: object = field(default=None, compare=False, repr=False)

@@ -299,7 +299,8 @@ def parse_listener(lst: listener_pb2.Listener) -> Listener:
                           f"network filter {nf.typed_config.type_url or nf.name} is not supported (only HttpConnectionManager)")
     hwhere = where + ".http_connection_manager"
     hcm = unpack_any(nf.typed_config, hcm_pb2.HttpConnectionManager, hwhere)
-    _only(hcm, {"codec_type", "stat_prefix", "rds", "route_config", "http_filters", "tracing"}, hwhere)
+    _only(hcm, {"codec_type", "stat_prefix", "rds", "route_config", "http_filters", "tracing",
+                "stream_idle_timeout"}, hwhere)
     codec = enum_name(hcm_pb2.HttpConnectionManager.CodecType, hcm.codec_type, hwhere + ".codec_type")
     protocol = {"HTTP2": "grpc", "HTTP1": "http", "AUTO": "http"}.get(codec)
     if protocol is None:
@@ -344,8 +345,11 @@ def parse_listener(lst: listener_pb2.Listener) -> Listener:
         gateway["descriptor_set"] = unpack_any(descriptors, descriptor_pb2.FileDescriptorSet,
                                                f"{where}.metadata.typed_filter_metadata[{DESCRIPTORS_KEY}]"
                                                ).SerializeToString()
+    idle = 300.0
+    if hcm.HasField("stream_idle_timeout"):
+        idle = _seconds(hcm.stream_idle_timeout) or None  # 0s disables, as in Envoy
     return Listener(lst.name, sa.address, sa.port_value, protocol, direction, table, inline, tuple(filters),
-                    tracing, kinds, **gateway)
+                    tracing, kinds, stream_idle_timeout_s=idle, **gateway)
 
 
 DESCRIPTORS_KEY = "protomesh.descriptor_set"

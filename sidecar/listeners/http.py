@@ -12,9 +12,10 @@ buffered whole; each side's `pause_writing` pauses reading on the other side.
 from __future__ import annotations
 
 import asyncio
-import random
 import json
 import logging
+import random
+import time
 from collections import deque
 from http import HTTPStatus
 
@@ -520,6 +521,7 @@ class _Exchange:
 
     # ---- ResponseHandler ----------------------------------------------------------------
     def on_response_head(self, status: int, reason: bytes, headers: list, framing: int) -> None:
+        self.conn.last_io = time.monotonic()
         target = self.target
         self.conn.listener.dataplane.report(target, status)
         if status >= 500 or (target.route.retry is not None and
@@ -581,6 +583,7 @@ class _Exchange:
         self.out.append(b"".join(parts))
 
     def on_response_body(self, data: bytes) -> None:
+        self.conn.last_io = time.monotonic()
         self.bytes_out += len(data)
         if self.mode == _M_CHUNK:
             self.out += (b"%x\r\n" % len(data), data, _CRLF)
@@ -717,6 +720,8 @@ class _Downstream(asyncio.Protocol):
         self.deferred: tuple | None = None  # an error reply waiting for earlier responses
         self.idle_deadline: float | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.last_io = 0.0  # time.monotonic() of the last bytes either way while a request is active
+        self.stream_timer: asyncio.TimerHandle | None = None
 
     # ---- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -732,6 +737,7 @@ class _Downstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing or self.no_more:
             return
+        self.last_io = time.monotonic()
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade:
@@ -764,6 +770,9 @@ class _Downstream(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closing = True
         self.idle_deadline = None
+        if self.stream_timer is not None:
+            self.stream_timer.cancel()
+            self.stream_timer = None
         if self.idle_timer is not None:
             self.idle_timer.cancel()
             self.idle_timer = None
@@ -893,6 +902,8 @@ class _Downstream(asyncio.Protocol):
         self._arm_idle()
 
     def _activate(self, ex: _Exchange) -> None:
+        self.last_io = time.monotonic()
+        self._watch_stream()
         try:
             ex.activate()
         except Exception as exc:  # a bug in routing/telemetry must still answer the client
@@ -1001,6 +1012,43 @@ class _Downstream(asyncio.Protocol):
         self.draining = True
         if not self.queue and not self.in_headers:
             self._close()
+
+    def _watch_stream(self) -> None:
+        """Arm the stream idle watchdog (HCM `stream_idle_timeout`) for the exchange in flight."""
+        if self.stream_timer is not None:
+            return
+        listener = self.listener
+        spec = listener.dataplane.config.listeners.get(listener.name)
+        limit = spec.stream_idle_timeout_s if spec is not None else None
+        if limit:
+            self.stream_timer = asyncio.get_running_loop().call_later(limit, self._on_stream_idle, limit)
+
+    def _on_stream_idle(self, limit: float) -> None:
+        """No bytes either way for `limit`: end the exchange.  This is what frees a request whose
+        body is stalled by backpressure after its client went away (with reading paused, the
+        client's FIN is never seen) — both connections would otherwise be held indefinitely."""
+        self.stream_timer = None
+        if self.closing or not self.queue:
+            return
+        idle = time.monotonic() - self.last_io
+        if idle < limit:
+            self.stream_timer = asyncio.get_running_loop().call_later(limit - idle, self._on_stream_idle, limit)
+            return
+        ex = self.queue[0]
+        if ex.bridge is not None:
+            return  # a gateway bridge (transcoding, gRPC-Web) is bounded by its gRPC deadline
+        if ex.finished:
+            self._watch_stream()  # the next exchange in the pipeline
+            return
+        if not ex.resp_started:
+            ex.keep_alive = False
+            ex.local_reply(Reply(408, GRPC_DEADLINE_EXCEEDED, "stream_idle_timeout",
+                                 f"no request or response bytes for {limit:g}s"))
+            self.abort()  # the client may not be reading: do not wait to flush to it
+        else:
+            ex._drop_upstream()
+            ex._finish(ex.status, "stream_idle_timeout")
+            self.abort()
 
     def _close(self) -> None:
         if not self.closing:

@@ -190,7 +190,8 @@ def faults(tmp_path_factory):
         "refusedonly": f'endpoints: ["127.0.0.1:{refused}"], timeout: 5s',
     }
     text = "services:\n" + "".join(f"  {n}: {{ protocol: http, lb: round_robin, {v} }}\n" for n, v in services.items())
-    text += f"gateway:\n  http: 127.0.0.1:{topo.gateway_http}\n  routes:\n"
+    # A short stream idle timeout so a stalled exchange is released within the test's bounds.
+    text += f"gateway:\n  http: 127.0.0.1:{topo.gateway_http}\n  stream_idle_timeout: 4s\n  routes:\n"
     text += "".join(f"    - {{ name: {n}, match: {{ path_prefix: /{n}/ }}, to: {n} }}\n" for n in services)
     topo.write_mesh(text)
     try:
@@ -324,17 +325,15 @@ def test_upstream_that_stops_reading_backpressures_the_client(faults):
     still_serving(topo)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "data path: a request whose body is stalled by backpressure has no timer (the route timeout "
-    "starts when the request is complete, and there is no stream idle timeout), and with reading "
-    "paused the client's FIN is never seen, so both connections are held until the upstream "
-    "closes (seen held > 45 s); see the issue 7 note"))
 def test_a_stalled_upload_is_released_after_the_client_gives_up(faults):
     topo = faults
     r = _stalled_upload(topo)
     pid = topo.gateway.pid
-    # `stall` has a 2 s route timeout: released within that plus a margin.
-    wait_until(lambda: fds(pid) <= r["fd0"], 6, f"the gateway's fds to return to {r['fd0']} (now {fds(pid)})")
+    # No bytes either way for the gateway's 4 s stream idle timeout (the client blocked 2 s before
+    # it closed): both connections are released, with the reason in the access log.
+    wait_until(lambda: fds(pid) <= r["fd0"], 8, f"the gateway's fds to return to {r['fd0']} (now {fds(pid)})")
+    rec = access_records(topo, "stall", 1)[-1]
+    assert rec["reason"] == "stream_idle_timeout", rec
 
 
 def test_client_that_stops_reading_backpressures_the_upstream(faults):

@@ -175,3 +175,11 @@ def test_ring_hash_function_and_incomplete_health_checks_are_refused_by_name():
     with pytest.raises(ConfigError) as info:
         parse_cluster(c)
     assert info.value.where == "Cluster c.health_checks[0].timeout"  # required, like in Envoy
+
+
+def test_stream_idle_timeout_defaults_like_envoy_and_zero_disables():
+    assert parse_listener(build.listener("l", "127.0.0.1", 1, "rt", grpc=False)).stream_idle_timeout_s == 300.0
+    assert parse_listener(build.listener("l", "127.0.0.1", 1, "rt", grpc=False,
+                                         stream_idle_timeout_s=4)).stream_idle_timeout_s == 4.0
+    assert parse_listener(build.listener("l", "127.0.0.1", 1, "rt", grpc=False,
+                                         stream_idle_timeout_s=0)).stream_idle_timeout_s is None
