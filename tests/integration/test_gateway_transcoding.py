@@ -125,6 +125,22 @@ def test_grpc_web_error_and_cors_preflight(mesh):
     assert "POST" in headers["access-control-allow-methods"]
 
 
+@pytest.mark.parametrize("frame, why", [
+    (struct.pack(">BI", 0, 1000) + b"short", "truncated frame"),  # length prefix larger than the data
+    (struct.pack(">BI", 1, 3) + b"abc", "compressed"),  # compressed flag, no codec negotiated
+    (b"\x00\x00", "truncated frame header"),
+])
+def test_invalid_grpc_framing_is_refused_with_a_reason(mesh, frame, why):
+    status, headers, _ = request(mesh.gateway_http, "POST", "/demo.users.v1.Users/GetUser", frame,
+                                 {"content-type": "application/grpc-web+proto"})
+    assert status == 200 and headers["grpc-status"] == "3"  # INVALID_ARGUMENT, trailers-only
+    assert why in headers["grpc-message"] and headers["x-protomesh-reason"].startswith("bad_request")
+    ok = users_pb2.GetUserRequest(id="2").SerializeToString()
+    status, headers, _ = request(mesh.gateway_http, "POST", "/demo.users.v1.Users/GetUser",
+                                 struct.pack(">BI", 0, len(ok)) + ok, {"content-type": "application/grpc-web+proto"})
+    assert status == 200 and headers.get("grpc-status", "0") == "0"  # still serving
+
+
 def test_reflection_lists_the_demo_services_and_health_answers(mesh):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
