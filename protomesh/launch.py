@@ -7,6 +7,7 @@ failure can be explained by reading it.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -17,10 +18,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_rng = random.Random()
+_given: set[int] = set()  # never hand out the same port twice in one process (they are not bound yet)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS just handed out.  Another process could take it before we bind it again;
-    on loopback in a test that window is tiny, and a clash fails loudly at bind."""
-    with socket.socket() as s:
+    """A free port below the kernel's ephemeral range.  A port from bind(0) comes from that range,
+    which the kernel also hands out as the source port of outgoing connections — so between our
+    probe and the real bind, some connection could take it (seen: "Address already in use" under
+    a busy test suite).  Below the range only another listener can, and we probe that."""
+    high = _ephemeral_low()
+    low = max(1024, high - 12000)
+    for _ in range(200):
+        port = _rng.randrange(low, high)
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        if len(_given) > 8000:
+            _given.clear()
+        _given.add(port)
+        return port
+    with socket.socket() as s:  # a crowded range: fall back to the kernel's choice
         s.bind((host, 0))
         return s.getsockname()[1]
 
