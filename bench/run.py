@@ -21,7 +21,6 @@ from pathlib import Path
 
 from bench import chart, machine, procs, readme, report
 from bench.cases import control, grpc_stream, grpc_unary, http, latency, memory, workers
-from bench.mesh import PROTOMESH
 from bench.setup import Ctx, start_all
 
 CASES = ("http", "grpc_unary", "grpc_stream", "latency", "control", "workers")

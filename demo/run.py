@@ -12,7 +12,6 @@ import asyncio
 import json
 import shutil
 import signal
-import statistics
 import time
 from pathlib import Path
 

@@ -114,7 +114,6 @@ class Sidecar:
         self.draining = False
         self._tracing: tuple | None = None
         self.span_exporter: SpanExporter | None = None
-        self._reconciled = asyncio.Event()
         self._pending: asyncio.Task | None = None
 
     # ---- config updates ---------------------------------------------------------------------
@@ -153,7 +152,6 @@ class Sidecar:
         addresses = {ep.address for c in config.clusters.values() if c.http2
                      for ep in config.endpoints_for(c)}
         await self.grpc_pool.retain(addresses)
-        self._reconciled.set()
 
     # ---- admin pages --------------------------------------------------------------------------
     def ready(self) -> tuple[bool, str]:

@@ -15,8 +15,7 @@ from sidecar import call as calls
 from sidecar.accesslog import AccessLog
 from sidecar.call import Call, Reply
 from sidecar.config.model import Cluster, Endpoint, Route, RuntimeConfig, parse_query
-from sidecar.filters import ratelimit
-from sidecar.filters import fault
+from sidecar.filters import fault, ratelimit
 from sidecar.spans import SpanRecorder
 from sidecar.stats import Stats
 from sidecar.upstream import breaker
@@ -42,7 +41,7 @@ class ClusterState:
     detector, active health check verdicts, and the host set derived from them (recomputed only
     when endpoints or health change)."""
 
-    __slots__ = ("balancer", "breaker", "outlier", "hc_unhealthy", "gen", "_hs_key", "_hs")
+    __slots__ = ("balancer", "breaker", "outlier", "hc_unhealthy", "gen", "_hs_for", "_hs")
 
     def __init__(self, balancer: Balancer):
         self.balancer = balancer
@@ -50,17 +49,16 @@ class ClusterState:
         self.outlier: OutlierDetector | None = None
         self.hc_unhealthy: set[str] = set()  # failing active health checks (or never checked yet)
         self.gen = 0  # bumped on every health/ejection change
-        self._hs_key: tuple | None = None
+        self._hs_for: tuple | None = None  # (endpoints, gen, panic threshold) the host set was made for
         self._hs: HostSet | None = None
 
     def hosts(self, endpoints: tuple[Endpoint, ...], panic_threshold: float) -> HostSet:
-        key = (endpoints, self.gen, panic_threshold)
-        hs = self._hs
-        if hs is None or self._hs_key is None or self._hs_key[0] is not endpoints or self._hs_key[1:] != key[1:]:
+        made_for = self._hs_for
+        if made_for is None or made_for[0] is not endpoints or made_for[1:] != (self.gen, panic_threshold):
             unhealthy = self.hc_unhealthy if self.outlier is None else self.hc_unhealthy | self.outlier.ejected
-            hs = self._hs = host_set(endpoints, unhealthy, panic_threshold)
-            self._hs_key = key
-        return hs
+            self._hs = host_set(endpoints, unhealthy, panic_threshold)
+            self._hs_for = (endpoints, self.gen, panic_threshold)
+        return self._hs
 
     def changed(self) -> None:
         self.gen += 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from google.protobuf import descriptor_pb2, duration_pb2
+from google.protobuf import descriptor_pb2
 
 from control.errors import MeshError
 from meshapi.v1 import options_pb2

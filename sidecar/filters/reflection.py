@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha._async import ReflectionServicer

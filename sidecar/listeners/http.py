@@ -30,7 +30,7 @@ from sidecar.listeners import grpc_bridge
 from sidecar.filters import mirror
 from sidecar.filters.fault import Hold
 from sidecar.upstream import breaker, retry
-from sidecar.upstream.http_pool import (CHUNKED, CONTENT_LENGTH, NO_BODY, HttpPool,
+from sidecar.upstream.http_pool import (CONTENT_LENGTH, NO_BODY, HttpPool,
                                         UpstreamConnection)
 
 log = logging.getLogger("protomesh.sidecar")

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import re
 
-import pytest
-from hypothesis import assume, given, strategies as st
+from hypothesis import given, strategies as st
 
 from sidecar.config.model import HeaderMatch, PathMatch, Route, RouteTable, StringMatch, VirtualHost, WeightedCluster
 from tests.fuzz.fuzzsettings import fuzz_settings
@@ -163,7 +162,6 @@ def ref_vhost(domain_sets: list[list[str]], authority: str) -> int | None:
 @given(st.lists(st.lists(st.sampled_from(DOMAINS), min_size=1, max_size=3, unique=True), min_size=1, max_size=3),
        st.sampled_from(["a.com", "A.com", "x.a.com", "b.a.com", "api.x", "api.a.com", "z.org", "a.com:80", "b.a.com:8"]))
 def test_virtual_host_selection(domain_sets, authority):
-    used = {d for ds in domain_sets for d in ds}
     table = RouteTable("t", tuple(VirtualHost(f"v{i}", tuple(ds), ()) for i, ds in enumerate(domain_sets)))
     vh = table.virtual_host(authority)
     expected = ref_vhost(domain_sets, authority)

@@ -14,7 +14,6 @@ import time
 import pytest
 
 from demo.topology import Topology
-from protomesh.launch import wait_until
 
 CLIENT = r"""
 import json, sys, time, grpc

@@ -112,7 +112,7 @@ def test_kill_a_replica_under_load_no_failures_ejected_and_back(fresh_mesh):
     # A long registration grace: the dead replica stays in EDS, so health checks and outlier
     # detection (not the registry) must take it out of the balancing set.
     topo.start_control(grace_s=120)
-    u1 = topo.start_instance("users", "users-1", state_dir=False)
+    topo.start_instance("users", "users-1", state_dir=False)
     u2 = topo.start_instance("users", "users-2", state_dir=False)
     topo.start_instance("products", "products-1", state_dir=False)
     canary = topo.launcher.start("products-canary", ["service", "products", "--listen",
