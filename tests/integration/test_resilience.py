@@ -29,6 +29,9 @@ services:
     timeout: 5s
     retries: {{ retry_on: [unavailable, connect-failure, reset], attempts: 3, per_try_timeout: 1s,
                backoff: {{ base: 10ms, max: 50ms }} }}
+    # Envoy's default allows 3 concurrent retries; the 4 load threads can all be in flight on the
+    # replica when it dies, so all 4 must be allowed to retry at once.
+    circuit_breakers: {{ max_retries: 8 }}
     outlier_detection: {{ consecutive_gateway_failure: 2, enforcing_consecutive_gateway_failure: 100,
                          interval: 1s, base_ejection_time: 2s, max_ejection_percent: 50 }}
     health_check: {{ tcp: {{}}, interval: 250ms, timeout: 200ms, unhealthy_threshold: 2, healthy_threshold: 2 }}
