@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from sidecar import call as calls
-from sidecar.accesslog import AccessLog
+from sidecar.accesslog import AccessLog, request_line
 from sidecar.call import Call, Reply
 from sidecar.config.model import Cluster, Endpoint, Route, RuntimeConfig, parse_query
 from sidecar.filters import fault, ratelimit
@@ -77,6 +77,9 @@ class Dataplane:
         self.spans = SpanRecorder()  # replaced by one that exports once tracing is configured
         self.on_swap = None  # set by the health checker: called with each new config
         self.buckets = ratelimit.Buckets()  # per-route token buckets; survive config swaps
+        # (listener, route, cluster, code) -> the Stats keys of its counter and histogram, so a
+        # request does not rebuild the label tuples; as many entries as the metrics have series.
+        self._stat_keys: dict[tuple, tuple] = {}
 
     @property
     def balancers(self) -> dict[str, Balancer]:
@@ -278,24 +281,33 @@ class Dataplane:
                     span.error = True
                     span.message = reason
             self.spans.end(span)
-        code = str(grpc_status) if call.protocol == "grpc" else str(status)
-        labels = (("listener", call.listener), ("route", call.route_name or "-"),
-                  ("cluster", call.cluster or "-"), ("code", code))
-        self.stats.inc("requests", labels)
-        self.stats.observe_ms("request_duration", (("listener", call.listener),
-                                                   ("cluster", call.cluster or "-")), elapsed_ms)
+        flat = (call.listener, call.route_name, call.cluster,
+                grpc_status if call.protocol == "grpc" else status)
+        keys = self._stat_keys.get(flat)
+        if keys is None:
+            keys = self._stat_keys[flat] = _request_stat_keys(*flat)
+        stats = self.stats
+        stats.inc_key(keys[0])
+        stats.observe_key(keys[1], elapsed_ms)
         if reason:
             self.stats.inc("local_replies", (("listener", call.listener), ("reason", reason)))
-        trace_id = call.span.trace_id_hex if call.span is not None else ""
-        self.access_log.write({
-            "listener": call.listener, "protocol": call.protocol, "method": call.method,
-            "authority": call.authority, "path": call.path, "peer": call.peer,
-            "route": call.route_name, "cluster": call.cluster, "upstream": call.upstream,
-            "status": status, "grpc_status": grpc_status, "reason": reason,
-            "duration_ms": round(elapsed_ms, 3), "bytes_in": bytes_in, "bytes_out": bytes_out,
-            "trace_id": trace_id, "attempts": call.extra.get("attempts", 1),
-            "retry_note": call.extra.get("retry_note", ""),
-        })
+        log = self.access_log
+        if log.enabled:
+            extra = call.extra
+            log.write_line(request_line(
+                call.listener, call.protocol, call.method, call.authority, call.path, call.peer,
+                call.route_name, call.cluster, call.upstream, status, grpc_status, reason,
+                elapsed_ms, bytes_in, bytes_out, call.span.trace_id_hex if call.span is not None else "",
+                extra.get("attempts", 1), extra.get("retry_note", ""), time.time()))
+
+
+def _request_stat_keys(listener: str, route: str, cluster: str, code) -> tuple:
+    """The Stats keys of one request series: `requests` by listener/route/cluster/code and
+    `request_duration` by listener/cluster."""
+    cluster = cluster or "-"
+    return (("requests", (("listener", listener), ("route", route or "-"), ("cluster", cluster),
+                          ("code", str(code)))),
+            ("request_duration", (("listener", listener), ("cluster", cluster))))
 
 
 def hash_key(route: Route, call: Call) -> int | None:

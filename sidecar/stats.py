@@ -18,17 +18,24 @@ class Stats:
         key = (name, labels)
         self.counters[key] = self.counters.get(key, 0) + n
 
-    def set(self, name: str, labels: tuple, value: float) -> None:
-        self.gauges[(name, labels)] = value
+    def inc_key(self, key: tuple) -> None:
+        """`inc` with the (name, labels) key built once by the caller (the request path)."""
+        counters = self.counters
+        counters[key] = counters.get(key, 0) + 1
 
-    def observe_ms(self, name: str, labels: tuple, ms: float) -> None:
-        key = (name, labels)
+    def observe_key(self, key: tuple, ms: float) -> None:
         h = self.histograms.get(key)
         if h is None:
             h = self.histograms[key] = [0] * (len(LATENCY_BUCKETS_MS) + 3)
         h[bisect.bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
         h[-2] += ms
         h[-1] += 1
+
+    def set(self, name: str, labels: tuple, value: float) -> None:
+        self.gauges[(name, labels)] = value
+
+    def observe_ms(self, name: str, labels: tuple, ms: float) -> None:
+        self.observe_key((name, labels), ms)
 
     def counter(self, name: str, labels: tuple = ()) -> int:
         return self.counters.get((name, labels), 0)

@@ -44,6 +44,8 @@ _HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"tr
 # (answered here).
 _REQ_SKIP = _HOP | {b"x-forwarded-for", b"x-forwarded-proto", b"expect"}
 _CRLF = b"\r\n"
+_HOP_LENS = frozenset(map(len, _REQ_SKIP))  # cheap pre-check before lower-casing a header name
+_HEADER_JOIN = b": ".join  # (name, value) -> b"name: value", mapped over header lists in C
 _CHUNK_END = b"0\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
@@ -96,13 +98,35 @@ class _HeadersTooLarge(Exception):
 class _Exchange:
     """One request/response through the proxy; the upstream connection reports to it."""
 
-    __slots__ = ("conn", "method", "method_b", "version", "url", "raw", "lnames", "headers",
-                 "chunked", "keep_alive", "expect", "req_done", "active", "early", "call",
-                 "target", "up", "task", "timer", "sent", "sent_size", "pending",
-                 "pending_size", "pending_full", "up_paused", "retried", "resp_started",
-                 "resp_done", "finished", "status", "mode", "close_after", "bytes_in",
-                 "bytes_out", "out", "attempts", "tried", "retry_timer", "try_timer", "retrying",
-                 "pending_state", "bridge")
+    # Class-level defaults: an exchange is made per request, and assigning ~40 attributes in
+    # __init__ was a measurable share of the per-request cost; only what differs is set there.
+    active = False
+    early: list | None = None  # body that arrived while queued behind another request
+    call: Call | None = None
+    target: Target | None = None
+    up: UpstreamConnection | None = None
+    task: asyncio.Task | None = None
+    timer: asyncio.TimerHandle | None = None
+    sent_size = 0
+    pending_size = 0
+    pending_full = False
+    up_paused = False
+    retried = False
+    resp_started = False
+    resp_done = False
+    finished = False
+    status = 0
+    mode = _M_NONE
+    close_after = False
+    bytes_in = 0
+    bytes_out = 0
+    attempts = 1  # upstream attempts made (retries are attempts - 1)
+    tried: set | None = None  # endpoints already tried, for retry_host_predicate
+    retry_timer: asyncio.TimerHandle | None = None  # back-off before the next attempt
+    try_timer: asyncio.TimerHandle | None = None  # per-try timeout
+    retrying = False  # counted in the cluster's active retries
+    pending_state = None  # ClusterState whose pending count includes this exchange
+    bridge = None  # set when the gateway answers by calling gRPC itself (grpc_bridge.py)
 
     def __init__(self, conn: "_Downstream", method_b: bytes, version: str, url: bytes,
                  raw: list, lnames: list, headers: dict, chunked: bool, has_body: bool,
@@ -119,36 +143,9 @@ class _Exchange:
         self.keep_alive = keep_alive
         self.expect = expect
         self.req_done = not has_body
-        self.active = False
-        self.early: list | None = None  # body that arrived while queued behind another request
-        self.call: Call | None = None
-        self.target: Target | None = None
-        self.up: UpstreamConnection | None = None
-        self.task: asyncio.Task | None = None
-        self.timer: asyncio.TimerHandle | None = None
         self.sent: list | None = []  # everything sent upstream, while small (for one retry)
-        self.sent_size = 0
         self.pending: list = []  # to write once an upstream connection is attached
-        self.pending_size = 0
-        self.pending_full = False
-        self.up_paused = False
-        self.retried = False
-        self.resp_started = False
-        self.resp_done = False
-        self.finished = False
-        self.status = 0
-        self.mode = _M_NONE
-        self.close_after = False
-        self.bytes_in = 0
-        self.bytes_out = 0
         self.out: list = []  # response bytes collected during one upstream read, sent at once
-        self.attempts = 1  # upstream attempts made (retries are attempts - 1)
-        self.tried: set | None = None  # endpoints already tried, for retry_host_predicate
-        self.retry_timer: asyncio.TimerHandle | None = None  # back-off before the next attempt
-        self.try_timer: asyncio.TimerHandle | None = None  # per-try timeout
-        self.retrying = False  # counted in the cluster's active retries
-        self.pending_state = None  # ClusterState whose pending count includes this exchange
-        self.bridge = None  # set when the gateway answers by calling gRPC itself (grpc_bridge.py)
 
     # ---- request side -------------------------------------------------------------------
     def activate(self) -> None:
@@ -191,7 +188,7 @@ class _Exchange:
             return
         if isinstance(result, Hold):  # fault delay: the body waits in `early`, then route again
             self.active = False
-            self.timer = asyncio.get_running_loop().call_later(result.delay_s, self._held)
+            self.timer = self.conn.loop.call_later(result.delay_s, self._held)
             return
         self.target = result
         head = self._request_head(result, dp.upstream_headers(call))
@@ -244,7 +241,7 @@ class _Exchange:
                 return
             st.breaker.pending += 1
             self.pending_state = st
-        self.task = asyncio.get_running_loop().create_task(self._connect())
+        self.task = self.conn.loop.create_task(self._connect())
 
     def _unpend(self) -> None:
         st = self.pending_state
@@ -265,14 +262,12 @@ class _Exchange:
         if extra:
             skip = skip.union(extra)
         path = self.url if target.path is self.call.path else target.path.encode("latin-1", "replace")
-        parts = [self.method_b, b" ", path, b" HTTP/1.1\r\n"]
+        raw = self.raw
+        if not skip.isdisjoint(self.lnames):
+            raw = [h for h, lname in zip(raw, self.lnames) if lname not in skip]
+        parts = [self.method_b, b" ", path, b" HTTP/1.1\r\n", b"\r\n".join(map(_HEADER_JOIN, raw))]
         append = parts.append
-        for (name, value), lname in zip(self.raw, self.lnames):
-            if lname in skip:
-                continue
-            append(name)
-            append(b": ")
-            append(value)
+        if raw:
             append(_CRLF)
         if "host" not in headers:
             append(b"host: %s\r\n" % target.endpoint.address.encode())
@@ -321,14 +316,14 @@ class _Exchange:
             self._emit((_CHUNK_END,))
         timeout = self.target.timeout_s
         if timeout is not None and self.timer is None and not self.resp_started:
-            self.timer = asyncio.get_running_loop().call_later(timeout, self._on_timeout)
+            self.timer = self.conn.loop.call_later(timeout, self._on_timeout)
         self._arm_try_timer()
 
     def _arm_try_timer(self) -> None:
         policy = self.target.route.retry
         if policy is not None and policy.per_try_timeout_s is not None and self.try_timer is None \
                 and not self.resp_started:
-            self.try_timer = asyncio.get_running_loop().call_later(policy.per_try_timeout_s,
+            self.try_timer = self.conn.loop.call_later(policy.per_try_timeout_s,
                                                                    self._on_try_timeout)
 
     def _emit_body(self, data: bytes) -> None:
@@ -492,7 +487,7 @@ class _Exchange:
             self.tried = set()
         self.tried.add(target.endpoint.address)
         delay = retry.backoff_s(policy, self.attempts - 1, dp.rand)
-        self.retry_timer = asyncio.get_running_loop().call_later(delay, self._retry)
+        self.retry_timer = self.conn.loop.call_later(delay, self._retry)
         dp.stats.inc("retries", (("cluster", target.cluster.name),))
         return True
 
@@ -539,30 +534,21 @@ class _Exchange:
         self.status = status
         conn = self.conn
         http11 = self.version != "1.0"
-        parts = [_status_line(status, reason)]
-        append = parts.append
         named = None  # headers the upstream's Connection header declares hop-by-hop
-        for name, value in headers:
-            lname = name.lower()
-            if lname in _HOP:
-                if lname == b"connection":
+        kept = [h for h in headers if len(h[0]) not in _HOP_LENS or h[0].lower() not in _HOP]
+        if len(kept) != len(headers):
+            for name, value in headers:
+                if len(name) == 10 and name.lower() == b"connection":
                     tokens = {t.encode("latin-1") for t in _tokens(value.decode("latin-1"))}
                     tokens -= {b"close", b"keep-alive"}
                     if tokens:
                         named = tokens if named is None else named | tokens
-                continue
-            append(name)
-            append(b": ")
-            append(value)
-            append(_CRLF)
-        if named:
-            kept = [parts[0]]
-            for name, value in headers:
-                lname = name.lower()
-                if lname not in _HOP and lname not in named:
-                    kept += (name, b": ", value, _CRLF)
-            parts = kept
-            append = parts.append
+            if named:
+                kept = [h for h in kept if h[0].lower() not in named]
+        parts = [_status_line(status, reason), b"\r\n".join(map(_HEADER_JOIN, kept))]
+        if kept:
+            parts.append(_CRLF)
+        append = parts.append
         close = not self.keep_alive or conn.draining or conn.last_request(self)
         if framing == NO_BODY:
             self.mode = _M_NONE
@@ -633,7 +619,7 @@ class _Exchange:
             self.retried = True
             self.pending = list(self.sent)
             self.pending_size = self.sent_size
-            self.task = asyncio.get_running_loop().create_task(self._connect())
+            self.task = self.conn.loop.create_task(self._connect())
             return
         where = f"cluster {target.cluster.name} endpoint {target.endpoint.address}"
         if why.startswith("protocol error"):
@@ -700,6 +686,7 @@ class _Downstream(asyncio.Protocol):
 
     def __init__(self, listener: "HttpListener"):
         self.listener = listener
+        self.loop = listener.loop  # cached: asyncio.get_running_loop() costs a getpid() syscall on 3.11
         self.transport: asyncio.Transport | None = None
         self.parser = HttpRequestParser(self)
         self.peer = ""
@@ -987,7 +974,7 @@ class _Downstream(asyncio.Protocol):
         self._close()
 
     def _arm_idle(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self.idle_deadline = deadline = loop.time() + self.listener.header_timeout_s
         if self.idle_timer is None:
             self.idle_timer = loop.call_at(deadline, self._on_idle_timer)
@@ -997,7 +984,7 @@ class _Downstream(asyncio.Protocol):
         deadline = self.idle_deadline
         if deadline is None or self.closing or self.queue:
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         if loop.time() < deadline:
             self.idle_timer = loop.call_at(deadline, self._on_idle_timer)
             return
@@ -1021,7 +1008,7 @@ class _Downstream(asyncio.Protocol):
         spec = listener.dataplane.config.listeners.get(listener.name)
         limit = spec.stream_idle_timeout_s if spec is not None else None
         if limit:
-            self.stream_timer = asyncio.get_running_loop().call_later(limit, self._on_stream_idle, limit)
+            self.stream_timer = self.loop.call_later(limit, self._on_stream_idle, limit)
 
     def _on_stream_idle(self, limit: float) -> None:
         """No bytes either way for `limit`: end the exchange.  This is what frees a request whose
@@ -1032,7 +1019,7 @@ class _Downstream(asyncio.Protocol):
             return
         idle = time.monotonic() - self.last_io
         if idle < limit:
-            self.stream_timer = asyncio.get_running_loop().call_later(limit - idle, self._on_stream_idle, limit)
+            self.stream_timer = self.loop.call_later(limit - idle, self._on_stream_idle, limit)
             return
         ex = self.queue[0]
         if ex.bridge is not None:
@@ -1072,12 +1059,13 @@ class HttpListener:
         self.max_header_bytes = max_header_bytes
         self.header_timeout_s = header_timeout_s
         self.port = 0
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self._server: asyncio.AbstractServer | None = None
         self._conns: set[_Downstream] = set()
         self._empty: asyncio.Event | None = None
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Downstream(self), host, port,
                                                 reuse_port=reuse_port or None, backlog=1024)
         self.port = self._server.sockets[0].getsockname()[1]

@@ -273,6 +273,7 @@ class HttpPool:
         self._endpoints: dict[tuple[str, int], _EndpointPool] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # cached by connect(): get_running_loop() is a syscall on 3.11
 
     def take_idle(self, endpoint: Endpoint) -> UpstreamConnection | None:
         """An idle connection to `endpoint`, or None; synchronous so the hot path needs no task."""
@@ -292,7 +293,7 @@ class HttpPool:
             raise OSError("connection pool is closed")
         key = (endpoint.host, endpoint.port)
         timeout = self.connect_timeout_default if connect_timeout is None else connect_timeout
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         conn = UpstreamConnection(self, key)
         async with asyncio.timeout(timeout):
             await loop.create_connection(lambda: conn, endpoint.host, endpoint.port)
@@ -324,7 +325,7 @@ class HttpPool:
             return
         conn.resume_reading()  # so a server-side close of an idle connection is noticed
         conn.reused = True
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         conn.idle_since = loop.time()
         ep.idle.append(conn)
         if self._sweeper is None:
