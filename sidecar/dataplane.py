@@ -121,12 +121,10 @@ class Dataplane:
 
     # ---- per request ----------------------------------------------------------------------
     def begin(self, call: Call) -> None:
-        """Start the server span, continuing the caller's trace."""
+        """Start the server span, continuing the caller's trace.  Its name and attributes are
+        filled in by `finish`, and only for a span that will be exported."""
         call.start = time.perf_counter()
-        name = f"{call.grpc_service}/{call.grpc_method}" if call.protocol == "grpc" else \
-            f"{call.method} {call.path.partition('?')[0]}"
-        call.span = self.spans.start_server(call.headers.get("traceparent"), f"{call.listener} {name}",
-                                            _span_attrs(call))
+        call.span = self.spans.start_server(call.headers.get("traceparent"), "", None)
 
     def route(self, call: Call) -> Target | Reply:
         config = self.config
@@ -242,9 +240,7 @@ class Dataplane:
     def upstream_headers(self, call: Call) -> list[tuple[str, str]]:
         """Open the client span for the upstream attempt; return the trace headers to send
         (our traceparent; the caller's tracestate and baggage unchanged)."""
-        host, _, port = call.upstream.rpartition(":")
-        client = self.spans.start_client(call.span, f"{call.listener} -> {call.cluster}", {
-            "server.address": host, "server.port": int(port), "protomesh.cluster": call.cluster})
+        client = self.spans.start_client(call.span, "", None)
         call.extra["client_span"] = client
         out = [("traceparent", client.traceparent())]
         for key in ("tracestate", "baggage"):
@@ -263,24 +259,16 @@ class Dataplane:
                 st.balancer.release(target.endpoint)
                 if st.breaker.requests > 0:
                     st.breaker.requests -= 1
-        failed = status >= 500 if grpc_status is None else grpc_status != 0
-        for span in (call.extra.pop("client_span", None), call.span):
-            if span is None:
-                continue
-            if span.sampled:
-                attrs = span.attributes
-                if call.protocol == "grpc":
-                    attrs["rpc.grpc.status_code"] = grpc_status if grpc_status is not None else 2
-                else:
-                    attrs["http.response.status_code"] = status
-                if call.route_name:
-                    attrs["protomesh.route"] = call.route_name
-                if reason:
-                    attrs["protomesh.reason"] = reason
-                if failed:
-                    span.error = True
-                    span.message = reason
-            self.spans.end(span)
+        client = call.extra.pop("client_span", None)
+        spans = self.spans
+        if spans.records:
+            failed = status >= 500 if grpc_status is None else grpc_status != 0
+            for span in (client, call.span):
+                if span is None:
+                    continue
+                if span.sampled:
+                    _describe_span(span, span is client, call, status, grpc_status, reason, failed)
+                spans.end(span)
         flat = (call.listener, call.route_name, call.cluster,
                 grpc_status if call.protocol == "grpc" else status)
         keys = self._stat_keys.get(flat)
@@ -340,6 +328,35 @@ def _cookie(header: str | None, name: str) -> str | None:
         if k == name:
             return v
     return None
+
+
+def _describe_span(span, client: bool, call: Call, status: int, grpc_status: int | None,
+                   reason: str, failed: bool) -> None:
+    """Name and attributes of a span about to be exported (semantic conventions), made at the
+    end so unsampled or unexported spans never pay for them."""
+    if client:
+        span.name = f"{call.listener} -> {call.cluster}"
+        host, _, port = call.upstream.rpartition(":")
+        attrs = {"server.address": host, "protomesh.cluster": call.cluster}
+        if port.isdigit():
+            attrs["server.port"] = int(port)
+    else:
+        name = f"{call.grpc_service}/{call.grpc_method}" if call.protocol == "grpc" else \
+            f"{call.method} {call.path.partition('?')[0]}"
+        span.name = f"{call.listener} {name}"
+        attrs = _span_attrs(call)
+    if call.protocol == "grpc":
+        attrs["rpc.grpc.status_code"] = grpc_status if grpc_status is not None else 2
+    else:
+        attrs["http.response.status_code"] = status
+    if call.route_name:
+        attrs["protomesh.route"] = call.route_name
+    if reason:
+        attrs["protomesh.reason"] = reason
+    if failed:
+        span.error = True
+        span.message = reason
+    span.attributes = attrs
 
 
 def _span_attrs(call: Call) -> dict:

@@ -22,11 +22,13 @@ CLIENT = 3
 
 class Span:
     __slots__ = ("trace_id", "span_id", "parent_id", "name", "kind", "start_ns", "end_ns",
-                 "attributes", "error", "message", "sampled")
+                 "attributes", "error", "message", "sampled", "trace_id_hex")
 
     def __init__(self, trace_id: int, span_id: int, parent_id: int, name: str, kind: int,
-                 start_ns: int, attributes: dict, sampled: bool):
+                 start_ns: int, attributes: dict | None, sampled: bool, trace_id_hex: str = ""):
         self.trace_id = trace_id
+        # Formatted once per trace (it appears in traceparent, the access log and request ids).
+        self.trace_id_hex = trace_id_hex or f"{trace_id:032x}"
         self.span_id = span_id
         self.parent_id = parent_id
         self.name = name
@@ -38,12 +40,8 @@ class Span:
         self.message = ""
         self.sampled = sampled
 
-    @property
-    def trace_id_hex(self) -> str:
-        return f"{self.trace_id:032x}"
-
     def traceparent(self) -> str:
-        return f"00-{self.trace_id:032x}-{self.span_id:016x}-{'01' if self.sampled else '00'}"
+        return f"00-{self.trace_id_hex}-{self.span_id:016x}-{'01' if self.sampled else '00'}"
 
 
 def parse_traceparent(value: str | None) -> tuple[int, int, bool] | None:
@@ -77,7 +75,12 @@ class SpanRecorder:
         self._clock = clock
         self._threshold = int(sampling * (1 << 64))  # compared with the low 64 bits of the trace id
 
-    def start_server(self, traceparent: str | None, name: str, attributes: dict) -> Span:
+    @property
+    def records(self) -> bool:
+        """False when nothing is exported: spans then only carry ids for propagation."""
+        return self.sink is not None
+
+    def start_server(self, traceparent: str | None, name: str, attributes: dict | None) -> Span:
         parent = parse_traceparent(traceparent)
         if parent is None:
             trace_id = self._bits(128) or 1
@@ -87,9 +90,9 @@ class SpanRecorder:
             trace_id, parent_id, sampled = parent
         return Span(trace_id, self._bits(64) or 1, parent_id, name, SERVER, self._clock(), attributes, sampled)
 
-    def start_client(self, parent: Span, name: str, attributes: dict) -> Span:
+    def start_client(self, parent: Span, name: str, attributes: dict | None) -> Span:
         return Span(parent.trace_id, self._bits(64) or 1, parent.span_id, name, CLIENT, self._clock(),
-                    attributes, parent.sampled)
+                    attributes, parent.sampled, parent.trace_id_hex)
 
     def end(self, span: Span) -> None:
         span.end_ns = self._clock()

@@ -289,10 +289,11 @@ class Endpoint:
     labels: tuple[tuple[str, str], ...] = ()
     priority: int = 0  # EDS locality priority: 0 is used first
     locality_weight: int = 1
+    # "host:port", made once: balancers, pools and logs key by it on every request.
+    address: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "address", f"{self.host}:{self.port}")
 
 
 @dataclass(frozen=True, slots=True)

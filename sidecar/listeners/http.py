@@ -45,6 +45,9 @@ _HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"tr
 _REQ_SKIP = _HOP | {b"x-forwarded-for", b"x-forwarded-proto", b"expect"}
 _CRLF = b"\r\n"
 _HOP_LENS = frozenset(map(len, _REQ_SKIP))  # cheap pre-check before lower-casing a header name
+_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close"))  # Connection values that name no header
+_PLAIN_CONNECTION_S = frozenset(("keep-alive", "close"))
+_REQ_SKIP_TRACED = _REQ_SKIP | {b"traceparent", b"tracestate", b"baggage"}
 _HEADER_JOIN = b": ".join  # (name, value) -> b"name: value", mapped over header lists in C
 _CHUNK_END = b"0\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -63,11 +66,11 @@ _status_lines: dict[int, bytes] = {}
 
 
 def _request_id() -> str:
-    """A random UUIDv4-shaped id.  uuid.uuid4() reads os.urandom (a syscall per request); ids for
-    correlating logs need uniqueness, not cryptographic strength."""
-    n = (random.getrandbits(128) & ~(0xF000 << 64) & ~(0xC000 << 48)) | (0x4000 << 64) | (0x8000 << 48)
-    h = f"{n:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    """A random UUIDv4-shaped id (version nibble 4, variant nibble a).  uuid.uuid4() reads
+    os.urandom (a syscall per request); ids for correlating logs need uniqueness, not
+    cryptographic strength."""
+    h = f"{random.getrandbits(128):032x}"
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-a{h[17:20]}-{h[20:]}"
 
 
 def _status_line(status: int, reason: bytes = b"") -> bytes:
@@ -252,15 +255,11 @@ class _Exchange:
     def _request_head(self, target: Target, trace_pairs: list) -> bytes:
         conn = self.conn
         headers = self.headers
-        skip = _REQ_SKIP
-        extra = []
+        # Trace headers are re-sent from `trace_pairs` (ours, or the caller's unchanged).
+        skip = _REQ_SKIP_TRACED if trace_pairs else _REQ_SKIP
         connection = headers.get("connection")
-        if connection:
-            extra = [t.encode("latin-1") for t in _tokens(connection)]
-        if trace_pairs:
-            extra += [name.encode("latin-1") for name, _ in trace_pairs]
-        if extra:
-            skip = skip.union(extra)
+        if connection and connection.lower() not in _PLAIN_CONNECTION_S:
+            skip = skip.union(t.encode("latin-1") for t in _tokens(connection))
         path = self.url if target.path is self.call.path else target.path.encode("latin-1", "replace")
         raw = self.raw
         if not skip.isdisjoint(self.lnames):
@@ -315,8 +314,8 @@ class _Exchange:
         if self.chunked:
             self._emit((_CHUNK_END,))
         timeout = self.target.timeout_s
-        if timeout is not None and self.timer is None and not self.resp_started:
-            self.timer = self.conn.loop.call_later(timeout, self._on_timeout)
+        if timeout is not None and not self.resp_started:
+            self.conn.watch_deadline(self, timeout)
         self._arm_try_timer()
 
     def _arm_try_timer(self) -> None:
@@ -404,6 +403,8 @@ class _Exchange:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.conn.deadline_ex is self:
+            self.conn.deadline_ex = None
         if self.retry_timer is not None:
             self.retry_timer.cancel()
             self.retry_timer = None
@@ -426,7 +427,7 @@ class _Exchange:
             self._update_pause()
 
     def _on_timeout(self) -> None:
-        self.timer = None
+        """The route timeout passed (called by the connection's deadline timer)."""
         if self.resp_started or self.finished:
             return
         target = self.target
@@ -524,9 +525,8 @@ class _Exchange:
             if self._try_retry(retry.HTTP_STATUS, status):
                 return
         self._retry_settled()
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.conn.deadline_ex is self:
+            self.conn.deadline_ex = None
         if self.try_timer is not None:
             self.try_timer.cancel()
             self.try_timer = None
@@ -538,7 +538,8 @@ class _Exchange:
         kept = [h for h in headers if len(h[0]) not in _HOP_LENS or h[0].lower() not in _HOP]
         if len(kept) != len(headers):
             for name, value in headers:
-                if len(name) == 10 and name.lower() == b"connection":
+                if len(name) == 10 and name.lower() == b"connection" and \
+                        value.lower() not in _PLAIN_CONNECTION:
                     tokens = {t.encode("latin-1") for t in _tokens(value.decode("latin-1"))}
                     tokens -= {b"close", b"keep-alive"}
                     if tokens:
@@ -709,6 +710,13 @@ class _Downstream(asyncio.Protocol):
         self.idle_timer: asyncio.TimerHandle | None = None
         self.last_io = 0.0  # time.monotonic() of the last bytes either way while a request is active
         self.stream_timer: asyncio.TimerHandle | None = None
+        # The route timeout of the exchange in flight.  One timer per connection, re-armed only
+        # when it fires early or must fire sooner: a TimerHandle per request was a measurable
+        # share of the per-request cost.
+        self.deadline_ex: _Exchange | None = None
+        self.deadline_at = 0.0
+        self.deadline_timer: asyncio.TimerHandle | None = None
+        self.deadline_timer_at = 0.0
 
     # ---- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -757,6 +765,10 @@ class _Downstream(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closing = True
         self.idle_deadline = None
+        self.deadline_ex = None
+        if self.deadline_timer is not None:
+            self.deadline_timer.cancel()
+            self.deadline_timer = None
         if self.stream_timer is not None:
             self.stream_timer.cancel()
             self.stream_timer = None
@@ -825,8 +837,14 @@ class _Downstream(asyncio.Protocol):
         if connection is None:
             keep_alive = version == "1.1"
         else:
-            tokens = _tokens(connection)
-            keep_alive = "close" not in tokens and (version == "1.1" or "keep-alive" in tokens)
+            lowered = connection.lower()
+            if lowered == "keep-alive":
+                keep_alive = True
+            elif lowered == "close":
+                keep_alive = False
+            else:
+                tokens = _tokens(connection)
+                keep_alive = "close" not in tokens and (version == "1.1" or "keep-alive" in tokens)
         te = headers.get("transfer-encoding")
         chunked = te is not None and "chunked" in te.lower()
         cl = headers.get("content-length")
@@ -972,6 +990,33 @@ class _Downstream(asyncio.Protocol):
         size = self.write_reply(reply, call, True, True)
         listener.dataplane.finish(call, None, status, reason, bytes_out=size)
         self._close()
+
+    def watch_deadline(self, ex: _Exchange, timeout: float) -> None:
+        """Time `ex` out after `timeout` seconds unless it clears `deadline_ex` first."""
+        loop = self.loop
+        at = loop.time() + timeout
+        self.deadline_ex = ex
+        self.deadline_at = at
+        timer = self.deadline_timer
+        if timer is not None:
+            if self.deadline_timer_at <= at:
+                return  # fires first, then re-arms for the rest
+            timer.cancel()
+        self.deadline_timer_at = at
+        self.deadline_timer = loop.call_at(at, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self.deadline_timer = None
+        ex = self.deadline_ex
+        if ex is None or self.closing:
+            return
+        at = self.deadline_at
+        if self.loop.time() < at:
+            self.deadline_timer_at = at
+            self.deadline_timer = self.loop.call_at(at, self._on_deadline)
+            return
+        self.deadline_ex = None
+        ex._on_timeout()
 
     def _arm_idle(self) -> None:
         loop = self.loop
