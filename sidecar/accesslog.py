@@ -18,14 +18,14 @@ def request_line(listener: str, protocol: str, method: str, authority: str, path
                  reason: str, duration_ms: float, bytes_in: int, bytes_out: int, trace_id: str,
                  attempts: int, retry_note: str, ts: float) -> str:
     """One request's access-log record as a JSON line (strings escaped by the json module's C
-    escaper, so any header-derived value stays valid JSON)."""
-    gs = "null" if grpc_status is None else int(grpc_status)
+    escaper, so any header-derived value stays valid JSON; numbers are ints from our own code)."""
+    gs = "null" if grpc_status is None else grpc_status
     return (f'{{"listener":{_q(listener)},"protocol":{_q(protocol)},"method":{_q(method)},'
             f'"authority":{_q(authority)},"path":{_q(path)},"peer":{_q(peer)},'
             f'"route":{_q(route)},"cluster":{_q(cluster)},"upstream":{_q(upstream)},'
-            f'"status":{int(status)},"grpc_status":{gs},"reason":{_q(reason)},'
-            f'"duration_ms":{duration_ms:.3f},"bytes_in":{int(bytes_in)},"bytes_out":{int(bytes_out)},'
-            f'"trace_id":{_q(trace_id)},"attempts":{int(attempts)},"retry_note":{_q(retry_note)},'
+            f'"status":{status},"grpc_status":{gs},"reason":{_q(reason)},'
+            f'"duration_ms":{duration_ms:.3f},"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
+            f'"trace_id":{_q(trace_id)},"attempts":{attempts},"retry_note":{_q(retry_note)},'
             f'"ts":{ts:.6f}}}\n')
 
 

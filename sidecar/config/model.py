@@ -153,6 +153,9 @@ class RouteTable:
     name: str
     virtual_hosts: tuple[VirtualHost, ...]
     _exact: dict = field(default_factory=dict, compare=False, repr=False)
+    # authority as received -> its virtual host (or None): most requests repeat a few authorities.
+    # Bounded, since the Host header is the client's choice.
+    _seen: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for vh in self.virtual_hosts:
@@ -160,6 +163,18 @@ class RouteTable:
                 self._exact.setdefault(d.lower(), vh)
 
     def virtual_host(self, authority: str) -> VirtualHost | None:
+        seen = self._seen
+        try:
+            return seen[authority]
+        except KeyError:
+            pass
+        vh = self._find_virtual_host(authority)
+        if len(seen) >= 4096:
+            seen.clear()
+        seen[authority] = vh
+        return vh
+
+    def _find_virtual_host(self, authority: str) -> VirtualHost | None:
         host = authority.lower()
         vh = self._exact.get(host)
         if vh is not None:
