@@ -49,7 +49,9 @@ _CRLF = b"\r\n"
 _HOP_LENS = frozenset(map(len, _REQ_SKIP))  # cheap pre-check before lower-casing a header name
 _PLAIN_CONNECTION = frozenset((b"keep-alive", b"close"))  # Connection values that name no header
 _PLAIN_CONNECTION_S = frozenset(("keep-alive", "close"))
-_REQ_SKIP_TRACED = _REQ_SKIP | {b"traceparent", b"tracestate", b"baggage"}
+# Request-side skip sets compare with the parsed headers' lower-case str keys.
+_REQ_SKIP_S = frozenset(n.decode() for n in _REQ_SKIP)
+_REQ_SKIP_TRACED = _REQ_SKIP_S | {"traceparent", "tracestate", "baggage"}
 _HEADER_JOIN = b": ".join  # (name, value) -> b"name: value", mapped over header lists in C
 _CHUNK_END = b"0\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -146,7 +148,7 @@ class _Exchange:
     bridge = None  # set when the gateway answers by calling gRPC itself (grpc_bridge.py)
 
     def __init__(self, conn: "_Downstream", method_b: bytes, version: str, url: bytes,
-                 raw: list, lnames: list, headers: dict, chunked: bool, has_body: bool,
+                 raw: list, headers: dict, chunked: bool, has_body: bool,
                  keep_alive: bool, expect: bool):
         self.conn = conn
         self.method_b = method_b
@@ -154,7 +156,6 @@ class _Exchange:
         self.version = version
         self.url = url
         self.raw = raw
-        self.lnames = lnames
         self.headers = headers
         self.chunked = chunked
         self.keep_alive = keep_alive
@@ -270,14 +271,14 @@ class _Exchange:
         conn = self.conn
         headers = self.headers
         # Trace headers are re-sent from `trace_pairs` (ours, or the caller's unchanged).
-        skip = _REQ_SKIP_TRACED if trace_pairs else _REQ_SKIP
+        skip = _REQ_SKIP_TRACED if trace_pairs else _REQ_SKIP_S
         connection = headers.get("connection")
         if connection and connection.lower() not in _PLAIN_CONNECTION_S:
-            skip = skip.union(t.encode("latin-1") for t in _tokens(connection))
+            skip = skip.union(_tokens(connection))
         path = self.url if target.path is self.call.path else target.path.encode("latin-1", "replace")
         raw = self.raw
-        if not skip.isdisjoint(self.lnames):
-            raw = [h for h, lname in zip(raw, self.lnames) if lname not in skip]
+        if not skip.isdisjoint(headers):  # (header names are the dict's lower-case keys)
+            raw = [h for h in raw if h[0].lower().decode("latin-1") not in skip]
         parts = [self.method_b, b" ", path, b" HTTP/1.1\r\n", b"\r\n".join(map(_HEADER_JOIN, raw))]
         append = parts.append
         if raw:
@@ -838,11 +839,8 @@ class _Downstream(asyncio.Protocol):
         parser = self.parser
         raw = self.raw
         headers: dict[str, str] = {}
-        lnames = []
         for name, value in raw:
-            lname = name.lower()
-            lnames.append(lname)
-            key = lname.decode("latin-1")
+            key = name.lower().decode("latin-1")
             v = value.decode("latin-1")
             old = headers.get(key)
             headers[key] = v if old is None else old + ", " + v
@@ -864,7 +862,7 @@ class _Downstream(asyncio.Protocol):
         cl = headers.get("content-length")
         has_body = chunked or (cl is not None and cl.strip() not in ("0", ""))
         expect = headers.get("expect", "").lower() == "100-continue"
-        ex = _Exchange(self, parser.get_method(), version, self.url, raw, lnames, headers,
+        ex = _Exchange(self, parser.get_method(), version, self.url, raw, headers,
                        chunked, has_body, keep_alive, expect)
         self.parsing = ex
         self.queue.append(ex)
