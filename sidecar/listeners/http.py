@@ -408,7 +408,10 @@ class _Exchange:
             if self.pending_full:
                 self.pending_full = False
                 self._update_pause()
-            up.writelines(pending)
+            if len(pending) == 1:
+                up.write(pending[0])
+            else:
+                up.writelines(pending)
 
     def _update_pause(self) -> None:
         self.conn.set_paused(_P_UPSTREAM, self.pending_full or self.up_paused)
@@ -597,8 +600,12 @@ class _Exchange:
         out = self.out
         if out:
             self.out = []
+            # One write() of a joined buffer costs less than writelines() for the usual
+            # head + small body; large bodies go as they are.
             if len(out) == 1:
                 self.conn.transport.write(out[0])
+            elif len(out) < 8 and sum(map(len, out)) <= 16384:
+                self.conn.transport.write(b"".join(out))
             else:
                 self.conn.transport.writelines(out)
 
