@@ -56,7 +56,13 @@ def cmd_control(args) -> int:
 
 def cmd_sidecar(args) -> int:
     from sidecar.app import Sidecar, SidecarOptions, install_signal_handlers
+    from sidecar.listeners import grpc_engine
 
+    try:
+        engine = grpc_engine.choose(args.grpc_engine)
+    except ValueError as exc:
+        print(f"protomesh sidecar: {exc}", file=sys.stderr)
+        return 2
     if not args.gateway and not args.service:
         print("protomesh sidecar: --service NAME is required (or --gateway)", file=sys.stderr)
         return 2
@@ -67,7 +73,7 @@ def cmd_sidecar(args) -> int:
         labels=_labels(args.label), node_id=args.node_id or "", otlp=args.otlp, sampling=args.sampling,
         state_dir=args.state_dir, access_log=None if args.access_log == "off" else args.access_log,
         drain_delay_s=args.drain_delay, drain_timeout_s=args.drain_timeout,
-        workers=args.workers, worker_index=args.worker_index)
+        workers=args.workers, worker_index=args.worker_index, grpc_engine=engine)
     if not args.gateway and not opts.app:
         print("protomesh sidecar: --app HOST:PORT (the local app) is required", file=sys.stderr)
         return 2
@@ -158,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label", action="append", help="key=value label announced with the endpoint")
     s.add_argument("--node-id")
     s.add_argument("--otlp", help="OTLP/gRPC endpoint, e.g. http://127.0.0.1:4317")
-    s.add_argument("--sampling", type=float, default=1.0)
+    s.add_argument("--sampling", type=float, default=0.01,
+                   help="share of new traces sampled when tracing comes from --otlp (default 0.01); "
+                        "mesh.yaml telemetry.sampling wins once pushed")
     s.add_argument("--state-dir", help="persist the last ACKed config here (serve it on restart)")
     s.add_argument("--access-log", default="-", help="'-' stdout, a file path, or 'off'")
     s.add_argument("--drain-delay", type=float, default=0.0, help="seconds unready before closing listeners")
@@ -166,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1,
                    help="processes sharing the listeners via SO_REUSEPORT, each with its own xDS stream")
     s.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    s.add_argument("--grpc-engine", choices=("h2", "grpcio"),
+                   help="gRPC listener engine: h2 (our own HTTP/2, the default) or grpcio (grpc.aio "
+                        "passthrough); else env PROTOMESH_GRPC_ENGINE")
     s.set_defaults(func=cmd_sidecar)
 
     st = sub.add_parser("status", help="every node's ACKed/NACKed config, from the control server's CSDS")

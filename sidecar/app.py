@@ -29,6 +29,7 @@ from sidecar.span_export import SpanExporter
 from sidecar.spans import SpanRecorder
 from sidecar.stats import Stats
 from sidecar.upstream.grpc_pool import GrpcPool
+from sidecar.upstream.h2_pool import H2Pool
 from sidecar.upstream.health import HealthChecker
 from sidecar.upstream.http_pool import HttpPool
 from sidecar.xds.client import XdsClient
@@ -52,12 +53,13 @@ class SidecarOptions:
     labels: dict = dataclasses.field(default_factory=dict)
     node_id: str = ""
     otlp: str | None = None
-    sampling: float = 1.0
+    sampling: float = 0.01  # as mesh.yaml's default (control/model.py DEFAULT_SAMPLING)
     state_dir: str | None = None
     access_log: str | None = "-"
     drain_delay_s: float = 0.0
     drain_timeout_s: float = 10.0
     workers: int = 1  # processes sharing the listeners through SO_REUSEPORT
+    grpc_engine: str = "h2"  # sidecar/listeners/grpc_engine.py
     worker_index: int = 0
 
 
@@ -104,8 +106,10 @@ class Sidecar:
         self.dataplane.on_swap = self.health.reconcile  # active health checks follow every config
         self.http_pool = HttpPool()
         self.grpc_pool = GrpcPool()
+        self.h2_pool = H2Pool()
         self.listeners = ListenerManager(self.dataplane, self.http_pool, self.grpc_pool,
-                                         drain_timeout_s=opts.drain_timeout_s, reuse_port=opts.workers > 1)
+                                         drain_timeout_s=opts.drain_timeout_s, reuse_port=opts.workers > 1,
+                                         h2_pool=self.h2_pool, grpc_engine=opts.grpc_engine)
         safe_id = re.sub(r"[^A-Za-z0-9._-]", "_", self.node.id)
         state = Path(opts.state_dir) / f"{safe_id}.xds" if opts.state_dir else None
         self.xds = XdsClient(self.node, opts.control, self._on_config, LastGood(state) if state else None)
@@ -152,6 +156,7 @@ class Sidecar:
         addresses = {ep.address for c in config.clusters.values() if c.http2
                      for ep in config.endpoints_for(c)}
         await self.grpc_pool.retain(addresses)
+        await self.h2_pool.retain(addresses)
 
     # ---- admin pages --------------------------------------------------------------------------
     def ready(self) -> tuple[bool, str]:
@@ -214,7 +219,8 @@ class Sidecar:
                                "labels": dict(ep.labels)}
                               for ep in config.endpoints_for(cluster)],
             }
-        return {"clusters": out, "http_pool": self.http_pool.stats(), "grpc_channels": self.grpc_pool.stats()}
+        return {"clusters": out, "http_pool": self.http_pool.stats(), "grpc_channels": self.grpc_pool.stats(),
+                "h2_connections": self.h2_pool.stats()}
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def _flush_access_log(self, every_s: float = 0.5) -> None:
@@ -249,6 +255,7 @@ class Sidecar:
             await closing
         await self.health.close()
         await self.grpc_pool.close()
+        await self.h2_pool.close()
         await self.admin.stop()
         self.dataplane.access_log.close()
         if self.span_exporter is not None:

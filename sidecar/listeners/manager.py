@@ -11,7 +11,7 @@ import logging
 
 from sidecar.config.model import Listener, RuntimeConfig
 from sidecar.dataplane import Dataplane
-from sidecar.listeners.grpc import GrpcListener
+from sidecar.listeners import grpc_engine as engines
 from sidecar.listeners.http import HttpListener
 from sidecar.listeners.tcp import TcpListener
 from sidecar.upstream.grpc_pool import GrpcPool
@@ -22,10 +22,13 @@ log = logging.getLogger("protomesh.sidecar")
 
 class ListenerManager:
     def __init__(self, dataplane: Dataplane, http_pool: HttpPool, grpc_pool: GrpcPool,
-                 drain_timeout_s: float = 10.0, reuse_port: bool = False):
+                 drain_timeout_s: float = 10.0, reuse_port: bool = False, h2_pool=None,
+                 grpc_engine: str = engines.DEFAULT):
         self.dataplane = dataplane
         self.http_pool = http_pool
         self.grpc_pool = grpc_pool
+        self.h2_pool = h2_pool
+        self.grpc_engine = grpc_engine
         self.drain_timeout_s = drain_timeout_s
         self.reuse_port = reuse_port
         self.running: dict[str, tuple[Listener, object]] = {}
@@ -48,7 +51,8 @@ class ListenerManager:
                 if spec.protocol == "tcp":
                     server = TcpListener(name, self.dataplane)
                 elif spec.protocol == "grpc":
-                    server = GrpcListener(name, self.dataplane, self.grpc_pool)
+                    server = engines.make(self.grpc_engine, name, self.dataplane, self.grpc_pool,
+                                         self.h2_pool)
                 else:
                     server = HttpListener(name, self.dataplane, self.http_pool, grpc_pool=self.grpc_pool)
                 try:

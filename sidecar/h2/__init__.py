@@ -1,0 +1,1 @@
+"""Our own HTTP/2 (framing, HPACK, connections) for the gRPC data path."""
