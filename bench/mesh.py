@@ -1,8 +1,8 @@
 """protomesh as users run it: `protomesh control --mesh mesh.yaml` + `protomesh sidecar --gateway`.
 
 The gateway is the full sidecar: access log on (a file in the scratch dir), metrics on, tracing
-at the default sampling (1.0).  No collector and no `telemetry:` block, so spans are created but
-not exported.
+at the default sampling (mesh.yaml `telemetry` names only the endpoint), with sampled spans
+exported over OTLP to a real receiver (`protomesh collector`, on the load core).
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ PROTOMESH = ROOT / ".venv" / "bin" / "protomesh"
 
 
 def mesh_doc(http_upstream: int, unary_upstream: int, stream_upstream: int,
-             http_port: int, grpc_port: int) -> dict:
-    return {
+             http_port: int, grpc_port: int, otlp: str | None = None) -> dict:
+    doc = {
         "proto_paths": [str(PROTO_DIR)],
         "services": {
             "bench": {"protocol": "http", "endpoints": [f"127.0.0.1:{http_upstream}"]},
@@ -39,6 +39,17 @@ def mesh_doc(http_upstream: int, unary_upstream: int, stream_upstream: int,
             ],
         },
     }
+    if otlp:
+        doc["telemetry"] = {"otlp_endpoint": otlp}  # sampling: the default
+    return doc
+
+
+def start_collector(p: procs.Procs) -> str:
+    """An OTLP/gRPC receiver for the gateway's spans, on the load core; returns its endpoint."""
+    port = procs.free_port()
+    proc = p.start("collector", [PROTOMESH, "collector", "--listen", f"127.0.0.1:{port}"], cpus=procs.LOAD_CPU)
+    procs.wait_until(lambda: procs.port_open(port), 30, "collector", proc)
+    return f"http://127.0.0.1:{port}"
 
 
 @dataclass
@@ -64,7 +75,7 @@ def start_mesh(p: procs.Procs, workdir: Path, http_upstream: int, unary_upstream
     http_port, grpc_port, admin = procs.free_port(), procs.free_port(), procs.free_port()
     mesh_file = workdir / "mesh.yaml"
     mesh_file.write_text(yaml.safe_dump(mesh_doc(http_upstream, unary_upstream, stream_upstream,
-                                                 http_port, grpc_port), sort_keys=False))
+                                                 http_port, grpc_port, start_collector(p)), sort_keys=False))
     # The control server is idle during the load; it shares the load core, not the proxy's.
     control, xds = start_control(p, mesh_file, procs.LOAD_CPU)
     access_log = workdir / "gateway-access.log"

@@ -91,8 +91,9 @@ def table(results: dict) -> str:
     lines.append("")
     lines.append("(x) in the direct column of CPU rows is the upstream's own CPU efficiency (nginx / Python "
                  "gRPC server), not a proxy's.")
-    lines.append("protomesh: full gateway sidecar, access log to a file, metrics on, tracing sampled at 1.0 "
-                 "with no exporter (spans created, not sent). Envoy: static bootstrap, no access log, no tracing.")
+    lines.append("protomesh: full gateway sidecar, access log to a file, metrics on, tracing at the default "
+                 "sampling (1%) exported over OTLP to a local receiver. Envoy: static bootstrap, no access log, "
+                 "no tracing.")
     return "\n".join(lines)
 
 

@@ -2,8 +2,8 @@
 
 Spans are queued (bounded: when the collector is slow or down, the oldest are not kept and the
 drop is counted, never blocking a request) and a background thread sends batches every
-`interval_s` or when `batch_size` spans are waiting.  Encoding to the OTLP protobuf happens in
-that thread too.
+`interval_s` or when `batch_size` spans are waiting.  Encoding happens in that thread too,
+straight to OTLP wire bytes (sidecar/otlp_wire.py).
 """
 from __future__ import annotations
 
@@ -12,45 +12,15 @@ import logging
 import threading
 
 import grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from opentelemetry.proto.common.v1 import common_pb2
-from opentelemetry.proto.resource.v1 import resource_pb2
-from opentelemetry.proto.trace.v1 import trace_pb2
 
+from sidecar import otlp_wire
 from sidecar.spans import Span
 
 log = logging.getLogger("protomesh.sidecar.tracing")
 
-
-def _any_value(v) -> common_pb2.AnyValue:
-    if isinstance(v, bool):
-        return common_pb2.AnyValue(bool_value=v)
-    if isinstance(v, int):
-        return common_pb2.AnyValue(int_value=v)
-    if isinstance(v, float):
-        return common_pb2.AnyValue(double_value=v)
-    return common_pb2.AnyValue(string_value=str(v))
-
-
-def encode(spans: list[Span], service_name: str) -> trace_service_pb2.ExportTraceServiceRequest:
-    out = []
-    for s in spans:
-        out.append(trace_pb2.Span(
-            trace_id=s.trace_id.to_bytes(16, "big"), span_id=s.span_id.to_bytes(8, "big"),
-            parent_span_id=s.parent_id.to_bytes(8, "big") if s.parent_id else b"",
-            flags=0x101 if s.parent_id else 0x100,
-            name=s.name, kind=s.kind, start_time_unix_nano=s.start_ns, end_time_unix_nano=s.end_ns,
-            attributes=[common_pb2.KeyValue(key=k, value=_any_value(v)) for k, v in s.attributes.items()],
-            status=trace_pb2.Status(code=trace_pb2.Status.STATUS_CODE_ERROR, message=s.message)
-            if s.error else trace_pb2.Status()))
-    resource = resource_pb2.Resource(attributes=[
-        common_pb2.KeyValue(key="service.name", value=common_pb2.AnyValue(string_value=service_name)),
-        common_pb2.KeyValue(key="telemetry.sdk.name", value=common_pb2.AnyValue(string_value="protomesh-sidecar")),
-    ])
-    return trace_service_pb2.ExportTraceServiceRequest(resource_spans=[trace_pb2.ResourceSpans(
-        resource=resource,
-        scope_spans=[trace_pb2.ScopeSpans(scope=common_pb2.InstrumentationScope(name="protomesh.sidecar"),
-                                          spans=out)])])
+EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+SCOPE = "protomesh.sidecar"
+SDK_NAME = "protomesh-sidecar"
 
 
 class SpanExporter:
@@ -68,7 +38,9 @@ class SpanExporter:
         self._wake = threading.Event()
         self._stop = False
         self._channel = grpc.insecure_channel(self.target)
-        self._stub = trace_service_pb2_grpc.TraceServiceStub(self._channel)
+        # Requests are pre-encoded bytes (no serializer); the response (empty or partial
+        # success) is not needed, so it is not decoded either.
+        self._export = self._channel.unary_unary(EXPORT_METHOD)
         self._thread = threading.Thread(target=self._run, name="span-export", daemon=True)
         self._thread.start()
 
@@ -93,7 +65,8 @@ class SpanExporter:
             while self.queue and len(batch) < self.batch_size:
                 batch.append(self.queue.popleft())
             try:
-                self._stub.Export(encode(batch, self.service_name), timeout=self.timeout_s)
+                self._export(otlp_wire.export_request(batch, self.service_name, SCOPE, SDK_NAME),
+                             timeout=self.timeout_s)
                 self.exported += len(batch)
             except grpc.RpcError as exc:
                 self.failed += len(batch)
