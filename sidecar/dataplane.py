@@ -18,7 +18,7 @@ from sidecar.config.model import Cluster, Endpoint, Route, RuntimeConfig, parse_
 from sidecar.filters import fault, ratelimit
 from sidecar.spans import SpanRecorder
 from sidecar.stats import Stats
-from sidecar.upstream import breaker
+from sidecar.upstream import breaker, retry
 from sidecar.upstream.balance import Balancer
 from sidecar.upstream.hashing import hash64
 from sidecar.upstream.hosts import HostSet, host_set
@@ -231,6 +231,16 @@ class Dataplane:
         breaker.note_overflow(st.breaker, "retries")
         self.stats.inc("retry_overflow", (("cluster", target.cluster.name),))
         return False
+
+    def may_retry_grpc(self, call: Call, target: Target, kind: str | None, code: int, attempts: int) -> bool:
+        """The route's policy covers this failed gRPC attempt and the retry budget admits
+        another (then it is counted as active); a refusal's reason goes to the access log."""
+        why = retry.grpc_refusal(target.route.retry, kind, code, attempts, call.method, call.headers)
+        if why is None and not self.admit_retry(target):
+            why = "retry_budget_exhausted"
+        if why:
+            call.extra["retry_note"] = why
+        return why is None
 
     def retry_done(self, target: Target) -> None:
         st = self.clusters.get(target.cluster.name)

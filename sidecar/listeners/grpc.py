@@ -163,16 +163,8 @@ class GrpcListener:
         if policy is None or shape not in ("unary_unary", "unary_stream"):
             return False
         kind = retry.PER_TRY_TIMEOUT if per_try_expired else retry.CONNECT_FAILURE if local else None
-        if not ((kind is not None and retry.retriable(policy, kind)) or retry.retriable(policy, retry.GRPC_STATUS, code)):
-            return False
-        if ex.attempts > policy.num_retries:
-            return False
         call = ex.call
-        if not retry.request_allows(policy, call.method, call.headers):
-            call.extra["retry_note"] = "request_not_retriable"
-            return False
-        if not dp.admit_retry(target):
-            call.extra["retry_note"] = "retry_budget_exhausted"
+        if not dp.may_retry_grpc(call, target, kind, code, ex.attempts):
             return False
         ex.retrying = True
         delay = retry.backoff_s(policy, ex.attempts - 1, dp.rand)

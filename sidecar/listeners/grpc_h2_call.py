@@ -385,16 +385,8 @@ class Exchange:
         policy = target.route.retry
         if policy is None or self.req_buf is None or not self.req_done or self.relayed:
             return False
-        if not ((kind is not None and retry.retriable(policy, kind)) or retry.retriable(policy, retry.GRPC_STATUS, code)):
-            return False
-        if self.attempts > policy.num_retries:
-            return False
         call = self.call
-        if not retry.request_allows(policy, call.method, call.headers):
-            call.extra["retry_note"] = "request_not_retriable"
-            return False
-        if not dp.admit_retry(target):
-            call.extra["retry_note"] = "retry_budget_exhausted"
+        if not dp.may_retry_grpc(call, target, kind, code, self.attempts):
             return False
         self.retrying = True
         delay = retry.backoff_s(policy, self.attempts - 1, dp.rand)

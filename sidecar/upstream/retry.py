@@ -62,6 +62,20 @@ def request_allows(policy: RetryPolicy, method: str, headers: Mapping[str, str])
     return False
 
 
+def grpc_refusal(policy: RetryPolicy, kind: str | None, code: int, attempts: int, method: str,
+                 headers: Mapping[str, str]) -> str | None:
+    """None when a gRPC attempt that ended this way (a local `kind`, else only its status `code`)
+    may be tried again under `policy`, budget aside; otherwise the retry note to log ('' when
+    the policy simply does not cover it, or the attempts are used up)."""
+    if not ((kind is not None and retriable(policy, kind)) or retriable(policy, GRPC_STATUS, code)):
+        return ""
+    if attempts > policy.num_retries:
+        return ""
+    if not request_allows(policy, method, headers):
+        return "request_not_retriable"
+    return None
+
+
 def backoff_s(policy: RetryPolicy, retries_done: int, rand: Callable[[], float]) -> float:
     """Envoy's fully jittered exponential back-off: uniform in [0, base * 2^n), capped at max."""
     ceiling = min(policy.base_interval_s * (1 << min(retries_done, 30)), policy.max_interval_s)
