@@ -293,25 +293,6 @@ async def test_no_route_is_unimplemented_with_reason(mesh):
     assert app.hits == 0
 
 
-async def test_unavailable_is_retried_elsewhere(mesh):
-    down, up = await App("down", "unavailable").start(), await App("up").start()
-    ch, dp, _ = await mesh([down, up], RetryPolicy(frozenset({"unavailable"}), 2, base_interval_s=0.001))
-    for i in range(6):
-        assert await ch.unary_unary("/t.S/Unary")(b"req%d" % i, timeout=5) == b"up:req%d" % i
-    assert [m async for m in ch.unary_stream("/t.S/Server")(b"2", timeout=5)] == [b"up:0", b"up:1"]
-    assert down.hits >= 3
-    assert dp.stats.counter("retries", (("cluster", "c"),)) >= 3
-
-
-async def test_per_try_timeout_then_retry(mesh):
-    slow, fast = await App("slow", "slow").start(), await App("fast").start()
-    ch, _, _ = await mesh([slow, fast], RetryPolicy(frozenset({"5xx"}), 1, per_try_timeout_s=0.2,
-                                                     base_interval_s=0.001))
-    for _ in range(4):
-        assert (await ch.unary_unary("/t.S/Unary")(b"q", timeout=5)).startswith(b"fast:")
-    assert slow.hits >= 2 and all(r <= 0.21 for r in slow.remaining)  # the per-try timeout, rounded up a little
-
-
 async def test_health_and_reflection_answered_locally(mesh):
     from tests.sidecar.transcode.protoset import demo_set
     app = await App().start()
@@ -445,47 +426,6 @@ async def test_unary_mirror(mesh):
         await asyncio.sleep(0.02)
     assert shadow.hits == 5
     await shadow.stop()
-
-
-class DeadlineDataplane(CountingDataplane):
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.seen: list[float] = []
-
-    def begin(self, call):
-        super().begin(call)
-        if call.deadline is not None:
-            self.seen.append(call.deadline - time.monotonic())
-
-
-async def test_deadline_shrinks_hop_by_hop():
-    """caller (2 s) → hop 1 → hop 2 (retry back-off 0.3 s after a failed attempt) → app: each
-    hop sends what is left as grpc-timeout (rounded up to the millisecond at most)."""
-    app, down = await App("app").start(), await App("down", "unavailable").start()
-    hop2_retry = RetryPolicy(frozenset({"unavailable"}), 1, base_interval_s=0.3, max_interval_s=0.3)
-    hops, upstream = [], [app.port, down.port]  # round robin meets `down` first
-    for name, policy in (("hop2", hop2_retry), ("hop1", None)):
-        dp = DeadlineDataplane(name, rand=lambda: 0.999)
-        dp.swap(config(upstream, policy))
-        lst = GrpcH2Listener("g", dp, GrpcPool(), H2Pool())
-        await lst.start("127.0.0.1", 0)
-        hops.insert(0, (lst, dp))
-        upstream = [lst.port]
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{upstream[0]}") as ch:
-            for _ in range(3):
-                assert await ch.unary_unary("/t.S/Unary")(b"d", timeout=2.0) == b"app:d"
-        for i in range(3):
-            hop1, hop2, at_app = hops[0][1].seen[i], hops[1][1].seen[i], app.remaining[i]
-            assert hop1 <= 2.0 * 1.01 and hop2 <= hop1 + 0.002, (hop1, hop2)
-            assert 1.5 < at_app < hop2 - 0.25, (hop1, hop2, at_app)
-        assert down.hits == 3
-    finally:
-        for lst, _ in hops:
-            await lst.close()
-            await lst.h2pool.close()
-        await app.stop()
-        await down.stop()
 
 
 async def test_a_reader_that_stops_slows_the_upstream_down(mesh):

@@ -1,5 +1,6 @@
-"""gRPC listener: retries on gRPC codes and per-try timeouts, retries only before a message was
-relayed, and the caller's deadline shrinking hop by hop (grpcio sends what is left as grpc-timeout)."""
+"""gRPC listeners, both engines (h2 and grpcio): retries on gRPC codes and per-try timeouts,
+retries only before a message was relayed, and the caller's deadline shrinking hop by hop (each
+hop sends what is left as grpc-timeout)."""
 from __future__ import annotations
 
 import asyncio
@@ -11,8 +12,9 @@ import pytest
 from sidecar.config.model import (Cluster, Endpoint, Listener, PathMatch, RetryPolicy, Route,
                                   RouteTable, RuntimeConfig, VirtualHost, WeightedCluster)
 from sidecar.dataplane import Dataplane
-from sidecar.listeners.grpc import GrpcListener
+from sidecar.listeners import grpc_engine
 from sidecar.upstream.grpc_pool import GrpcPool
+from sidecar.upstream.h2_pool import H2Pool
 
 KINDS = {"/t.S/Unary": "unary", "/t.S/Stream": "server_stream"}
 
@@ -77,19 +79,30 @@ def config(ports, retry=None, timeout_s=5.0):
                                tuple(Endpoint("127.0.0.1", p) for p in ports))})
 
 
+@pytest.fixture(params=grpc_engine.ENGINES)
+def engine(request):
+    return request.param
+
+
+async def start_listener(engine: str, dp: Dataplane, pools: list):
+    """A started gRPC listener of `engine`; its pools are appended to `pools` for closing."""
+    pool, h2 = GrpcPool(), H2Pool()
+    pools += [pool, h2]
+    lst = grpc_engine.make(engine, "g", dp, pool, h2)
+    await lst.start("127.0.0.1", 0)
+    return lst
+
+
 @pytest.fixture
-async def mesh():
+async def mesh(engine):
     made = {"apps": [], "listeners": [], "pools": [], "channels": []}
 
     async def make(apps, retry=None, timeout_s=5.0):
         made["apps"] += apps
         dp = Dataplane("t")
         dp.swap(config([a.port for a in apps], retry, timeout_s))
-        pool = GrpcPool()
-        lst = GrpcListener("g", dp, pool)
-        await lst.start("127.0.0.1", 0)
+        lst = await start_listener(engine, dp, made["pools"])
         made["listeners"].append(lst)
-        made["pools"].append(pool)
         ch = grpc.aio.insecure_channel(f"127.0.0.1:{lst.port}")
         ch.listener_port = lst.port
         made["channels"].append(ch)
@@ -172,7 +185,7 @@ class DeadlineDataplane(Dataplane):
             self.seen.append(call.deadline - time.monotonic())
 
 
-async def test_deadline_shrinks_hop_by_hop():
+async def test_deadline_shrinks_hop_by_hop(engine):
     """caller (2 s) → hop 1 → hop 2 → app.  Each hop passes what is left of its deadline as
     `timeout=`, which grpcio sends as `grpc-timeout`.  grpc core may round the encoded value up
     (measured: 2.0 s arrives as ~2.009 s, 1.9925 s as ~1.999 s), so a hop that spends almost no
@@ -186,11 +199,8 @@ async def test_deadline_shrinks_hop_by_hop():
     for name, policy in (("hop2", hop2_retry), ("hop1", None)):
         dp = DeadlineDataplane(name, rand=lambda: 0.999)
         dp.swap(config(upstream, policy))
-        pool = GrpcPool()
-        lst = GrpcListener("g", dp, pool)
-        await lst.start("127.0.0.1", 0)
+        lst = await start_listener(engine, dp, pools)
         hops.insert(0, (lst, dp))
-        pools.append(pool)
         upstream = [lst.port]
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{upstream[0]}") as ch:
