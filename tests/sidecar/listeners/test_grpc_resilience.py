@@ -3,7 +3,6 @@ retries only before a message was relayed, and the caller's deadline shrinking h
 hop sends what is left as grpc-timeout)."""
 from __future__ import annotations
 
-import asyncio
 import time
 
 import grpc
@@ -15,58 +14,9 @@ from sidecar.dataplane import Dataplane
 from sidecar.listeners import grpc_engine
 from sidecar.upstream.grpc_pool import GrpcPool
 from sidecar.upstream.h2_pool import H2Pool
+from tests.sidecar.listeners.grpc_apps import App
 
 KINDS = {"/t.S/Unary": "unary", "/t.S/Stream": "server_stream"}
-
-
-class App:
-    """A raw-bytes gRPC server.  mode: ok | unavailable | slow | midstream (one message, then
-    UNAVAILABLE).  Records the deadline it was given."""
-
-    def __init__(self, name: str, mode: str = "ok"):
-        self.name, self.mode = name, mode
-        self.hits = 0
-        self.remaining: list[float] = []
-
-    async def start(self):
-        self.server = grpc.aio.server()
-        app = self
-
-        class H(grpc.GenericRpcHandler):
-            def service(self, details):
-                if details.method == "/t.S/Unary":
-                    return grpc.unary_unary_rpc_method_handler(app.unary)
-                if details.method == "/t.S/Stream":
-                    return grpc.unary_stream_rpc_method_handler(app.stream)
-                return None
-        self.server.add_generic_rpc_handlers((H(),))
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        await self.server.start()
-        return self
-
-    async def _behave(self, context):
-        self.hits += 1
-        self.remaining.append(context.time_remaining())
-        if self.mode == "unavailable":
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "down for maintenance")
-        if self.mode == "slow":
-            await asyncio.sleep(3.0)
-
-    async def unary(self, request, context):
-        await self._behave(context)
-        return self.name.encode() + b":" + request
-
-    async def stream(self, request, context):
-        if self.mode == "midstream":
-            self.hits += 1
-            yield b"first"
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "died mid-stream")
-        await self._behave(context)
-        for i in range(3):
-            yield self.name.encode() + b":%d" % i
-
-    async def stop(self):
-        await self.server.stop(None)
 
 
 def config(ports, retry=None, timeout_s=5.0):
