@@ -33,7 +33,7 @@ def parse_args(argv=None):
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(CASES)}")
     ap.add_argument("--duration", type=float, help="seconds per load run (default 8; quick 3)")
     ap.add_argument("--repeat", type=int, help="repeats per case, median reported (default 3; quick 1)")
-    ap.add_argument("--control-streams", type=int, help="simulated sidecar ADS streams (default 1000; quick 200)")
+    ap.add_argument("--control-streams", type=int, help="simulated sidecar ADS streams (default 5000, the target; quick 200)")
     ap.add_argument("--control-setup-timeout", type=float, default=None,
                     help="seconds the streams get to connect and settle before the edit (default 300)")
     ap.add_argument("--no-profile", dest="profile", action="store_false",
@@ -41,7 +41,7 @@ def parse_args(argv=None):
     a = ap.parse_args(argv)
     a.duration = a.duration or (3.0 if a.quick else 8.0)
     a.repeat = a.repeat or (1 if a.quick else 3)
-    a.control_streams = a.control_streams or (200 if a.quick else 1000)
+    a.control_streams = a.control_streams or (200 if a.quick else 5000)
     a.control_setup_timeout = a.control_setup_timeout or (60.0 if a.quick else 300.0)
     a.only = {c.strip() for c in a.only.split(",") if c.strip()} or set(CASES)
     unknown = a.only - set(CASES)

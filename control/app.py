@@ -7,13 +7,14 @@ import logging
 import time
 
 import grpc
-from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.status.v3 import csds_pb2_grpc
 
+from control.gcwatch import GcWatch
 from control.registry import Registry
 from control.server import ControlPlane
 from control.sources.meshfile import MeshWatcher
 from control.views import Views
+from control.wire import add_ads_to_server
 from protomesh.admin import AdminServer
 
 log = logging.getLogger("protomesh.control")
@@ -48,6 +49,8 @@ class ControlServer:
         mesh = self.watcher.load_initial()  # raises MeshError on a broken mesh
         self.views = Views(mesh, self.registry)
         self.plane = ControlPlane(self.views, self.registry, opts.debounce_s, opts.warmup_s)
+        self.gc = GcWatch()
+        self.plane.on_push_done = self.gc.after_push
         self.admin = AdminServer(self.ready, self.metrics, {
             "/nodes": self.plane.status, "/config_dump": self.config_dump})
         self.server: grpc.aio.Server | None = None
@@ -56,8 +59,9 @@ class ControlServer:
 
     def _on_mesh(self, mesh) -> None:
         if only_endpoints_differ(self.views.mesh, mesh):
+            services = {n for n, s in mesh.services.items() if s.endpoints != self.views.mesh.services[n].endpoints}
             self.views.mesh = mesh  # same listeners, routes and clusters: only EDS changes
-            self.plane.changed(endpoints_only=True)
+            self.plane.changed(endpoints_only=True, services=services)
         else:
             self.plane.changed(mesh)
 
@@ -76,7 +80,10 @@ class ControlServer:
                  "# TYPE protomesh_control_mesh_rejected_total counter",
                  f"protomesh_control_mesh_rejected_total {self.watcher.rejected}",
                  "# TYPE protomesh_control_generation gauge",
-                 f"protomesh_control_generation {self.views.generation}"]
+                 f"protomesh_control_generation {self.views.generation}",
+                 "# TYPE protomesh_control_gc_pause_seconds_total counter",
+                 *(f'protomesh_control_gc_pause_seconds_total{{generation="{g}"}} {s:.3f}'
+                   for g, s in enumerate(self.gc.pauses_s))]
         return "\n".join(lines) + "\n"
 
     def config_dump(self) -> dict:
@@ -93,8 +100,9 @@ class ControlServer:
         }
 
     async def start(self) -> None:
+        self.gc.install()
         self.server = grpc.aio.server()
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.plane, self.server)
+        add_ads_to_server(self.plane, self.server)  # shared pre-encoded responses pass through
         csds_pb2_grpc.add_ClientStatusDiscoveryServiceServicer_to_server(self.plane, self.server)
         self.xds_port = self.server.add_insecure_port(self.opts.xds)
         if not self.xds_port:
@@ -103,9 +111,16 @@ class ControlServer:
         host, _, port = self.opts.admin.rpartition(":")
         await self.admin.start(host, int(port))
         self._tasks = [asyncio.ensure_future(self.watcher.run()),
-                       asyncio.ensure_future(self.plane.expire_registrations())]
+                       asyncio.ensure_future(self.plane.expire_registrations()),
+                       asyncio.ensure_future(self._full_collections())]
         log.info("control server: xDS on port %d, admin on port %d, mesh %s", self.xds_port,
                  self.admin.port, self.opts.mesh)
+
+    async def _full_collections(self) -> None:
+        """Reclaim cyclic garbage among frozen objects now and then, between pushes."""
+        while True:
+            await asyncio.sleep(30)
+            self.gc.maybe_full_collect(self.plane.busy())
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -113,6 +128,7 @@ class ControlServer:
         if self.server is not None:
             await self.server.stop(grace=1.0)
         await self.admin.stop()
+        self.gc.remove()
 
     async def run(self, stop: asyncio.Event) -> int:
         await self.start()

@@ -30,8 +30,20 @@ from protomesh import xdstypes
 WILDCARD_TYPES = (xdstypes.LISTENER, xdstypes.CLUSTER)
 
 
+# Per resource object, like `snapshot.digest`: views share resource objects between nodes, and
+# every Delta stream asks for the versions of everything it covers on each request it answers.
+_VERSIONS: dict[int, tuple[any_pb2.Any, str]] = {}
+
+
 def resource_version(resource: any_pb2.Any) -> str:
-    return version_of({"": resource})
+    hit = _VERSIONS.get(id(resource))
+    if hit is not None and hit[0] is resource:
+        return hit[1]
+    if len(_VERSIONS) >= 200_000:
+        _VERSIONS.clear()
+    version = version_of({"": resource})
+    _VERSIONS[id(resource)] = (resource, version)
+    return version
 
 
 @dataclass

@@ -75,19 +75,44 @@ def registration_from_node(node) -> Registration:
 
 
 class Registry:
+    """Registrations indexed by service, and the services whose endpoints changed since the
+    views last looked (`take_dirty`): with thousands of sidecars connecting, a registration must
+    cost the rebuild of its own service's endpoints, not a scan of every node for every service."""
+
     def __init__(self, grace_s: float = 5.0):
         self.grace_s = grace_s
         self._regs: dict[str, Registration] = {}
+        self._by_service: dict[str, dict[str, Registration]] = {}
         self._streams: dict[str, int] = {}
         self._gone_at: dict[str, float] = {}
+        self._dirty: set[str] = set()
 
     def connect(self, reg: Registration) -> bool:
         """A stream for this node opened.  Returns True when the endpoint set changed."""
         self._streams[reg.node_id] = self._streams.get(reg.node_id, 0) + 1
         self._gone_at.pop(reg.node_id, None)
-        changed = self._regs.get(reg.node_id) != reg
+        old = self._regs.get(reg.node_id)
+        if old == reg:
+            return False
+        if old is not None:
+            self._drop(old)
         self._regs[reg.node_id] = reg
-        return changed
+        self._by_service.setdefault(reg.service, {})[reg.node_id] = reg
+        self._dirty.add(reg.service)
+        return True
+
+    def _drop(self, reg: Registration) -> None:
+        del self._regs[reg.node_id]
+        peers = self._by_service.get(reg.service, {})
+        peers.pop(reg.node_id, None)
+        if not peers:
+            self._by_service.pop(reg.service, None)
+        self._dirty.add(reg.service)
+
+    def take_dirty(self) -> set[str]:
+        """Services whose registrations changed since the last call."""
+        dirty, self._dirty = self._dirty, set()
+        return dirty
 
     def disconnect(self, node_id: str, now: float) -> None:
         left = self._streams.get(node_id, 0) - 1
@@ -103,7 +128,8 @@ class Registry:
         due = [n for n, t in self._gone_at.items() if t <= now]
         for n in due:
             del self._gone_at[n]
-            self._regs.pop(n, None)
+            if n in self._regs:
+                self._drop(self._regs[n])
         return bool(due)
 
     def next_expiry(self) -> float | None:
@@ -113,7 +139,7 @@ class Registry:
         """One registration per advertised address: the workers of one sidecar (`--workers`)
         share their listeners, so they are one endpoint."""
         seen: dict[tuple[str, int], Registration] = {}
-        for r in sorted(self._regs.values(), key=lambda r: r.node_id):
+        for r in sorted(self._by_service.get(service, {}).values(), key=lambda r: r.node_id):
             if r.service == service and r.advertise and r.advertise not in seen:
                 seen[r.advertise] = r
         return list(seen.values())

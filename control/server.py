@@ -1,9 +1,10 @@
 """The ADS servicer (state of the world and Delta) and CSDS on grpc.aio.
 
 Each stream gets its own `StreamState` (SotW) or `DeltaState` (Delta); a change of the mesh or of the registrations bumps the
-generation and, after a short debounce (so a burst of edits or reconnects is one push), every
-stream is offered its new view.  What is sent, and when, is decided by the stream's state; the
-view depends on the node's flavour (see `views.py`).
+generation and every stream is offered its new view — at once after a quiet spell, coalesced
+during a burst of edits or reconnects (`coalesce.py`).  What is sent, and when, is decided by the
+stream's state; the view depends on the node's flavour (see `views.py`).  SotW responses are
+encoded once and shared by the streams that get the same one (`wire.py`).
 """
 from __future__ import annotations
 
@@ -17,14 +18,18 @@ from envoy.admin.v3 import config_dump_shared_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 
+from control.coalesce import push_at
 from control.delta import DeltaState, digest
 from control.registry import Registration, RegistrationError, Registry, registration_from_node
 from control.stream import StreamState
 from control.translate.envoy import listen_overrides
 from control.views import Views
+from control.wire import SharedResponses
 from protomesh import xdstypes
 
 log = logging.getLogger("protomesh.control")
+
+PUSH_SLICE = 64  # streams kicked per event-loop turn during a push
 
 
 class _Abort(Exception):
@@ -50,6 +55,8 @@ class Stream:
         self.connected_at = time.time()
         self.resumed = False  # the node already had config when it connected
         self.overrides: tuple = ()  # gateway listen addresses the node asked for
+        self.view: dict | None = None  # cached Views.for_node(...) as of `view_stamp`
+        self.view_stamp: tuple | None = None
 
 
 class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
@@ -69,34 +76,62 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
         self.debounce_s = debounce_s
         self.max_delay_s = max_delay_s
         self._first_unpushed: float | None = None
+        self._last_push: float | None = None
         self.streams: dict[int, Stream] = {}
         self.pushes = 0
         self.nacks = 0
         self._push_handle: asyncio.TimerHandle | None = None
+        self._push_task: asyncio.Task | None = None
+        self.responses = SharedResponses()
+        # True once registered by `wire.add_ads_to_server`, whose serializer passes bytes through;
+        # registered with the generated helper, SotW responses are yielded as messages.
+        self.encoded_responses = False
+        self.on_push_done = None  # called when a push pass ends and none is pending
         self._expiry_task: asyncio.Task | None = None
 
     # ---- change propagation -------------------------------------------------------------------
-    def changed(self, mesh=None, endpoints_only: bool = False) -> None:
-        """Mesh or registrations changed: new generation, and one push once changes pause for
-        `debounce_s` — but no later than `max_delay_s` after the first unpushed change.  When a
-        thousand sidecars connect, each registration changes every node's endpoints; pushing
-        each one to everybody is N² responses (a push storm), coalescing makes it a few."""
-        self.views.invalidate(mesh, endpoints_only)
+    def changed(self, mesh=None, endpoints_only: bool = False, registrations_only: bool = False,
+                services: set[str] | None = None) -> None:
+        """Mesh or registrations changed: new generation, and a push — at once after a quiet
+        spell, else once changes pause for `debounce_s` but no later than `max_delay_s` after the
+        first unpushed one (`coalesce.push_at`)."""
+        self.views.invalidate(mesh, endpoints_only, registrations_only, services)
         loop = asyncio.get_running_loop()
         now = loop.time()
         if self._first_unpushed is None:
             self._first_unpushed = now
-        when = min(now + self.debounce_s, self._first_unpushed + self.max_delay_s)
+        when = push_at(now, self._first_unpushed, self._last_push, self.debounce_s, self.max_delay_s)
         if self._push_handle is not None:
             self._push_handle.cancel()
         self._push_handle = loop.call_at(when, self._push_all)
 
     def _push_all(self) -> None:
+        self._last_push = asyncio.get_running_loop().time()
         self._push_handle = None
         self._first_unpushed = None
         self._warm_handle = None
-        for stream in list(self.streams.values()):
-            self._kick(stream)
+        self.views.refresh()
+        if self._push_task is not None:
+            self._push_task.cancel()  # the new pass covers every stream; kicks are idempotent
+        self._push_task = asyncio.ensure_future(self._push_in_slices(list(self.streams.values())))
+
+    async def _push_in_slices(self, streams: list[Stream]) -> None:
+        """Kick the streams a slice at a time and yield to the loop in between, so the first
+        responses are written (and ACKed by clients elsewhere) while the rest are prepared.  One
+        synchronous pass over thousands of streams held every write back until the last response
+        was built, and the clients idled meanwhile."""
+        for i in range(0, len(streams), PUSH_SLICE):
+            for stream in streams[i:i + PUSH_SLICE]:
+                if stream.id in self.streams:
+                    self._kick(stream)
+            await asyncio.sleep(0)
+        self._push_task = None
+        if self.on_push_done is not None and not self.busy():
+            self.on_push_done()
+
+    def busy(self) -> bool:
+        """A push is pending or going out."""
+        return self._push_handle is not None or self._push_task is not None or self._warm_handle is not None
 
     def _kick(self, stream: Stream) -> None:
         if stream.reg is None:
@@ -106,18 +141,27 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
             if self._warm_handle is None:
                 self._warm_handle = asyncio.get_running_loop().call_later(wait, self._push_all)
             return
-        view = self.views.for_node(stream.reg, stream.overrides)
+        view = self._view(stream)
         if stream.delta:
             for response in stream.state.next_responses(view):
                 stream.out.put_nowait(response)
                 self.pushes += 1
             return
         for type_url, version, resources in stream.state.next_sends(view):
-            nonce = stream.state.mark_sent(type_url, version)
-            stream.out.put_nowait(discovery_pb2.DiscoveryResponse(
-                type_url=type_url, version_info=version, nonce=nonce,
-                resources=[resources[n] for n in sorted(resources)]))
+            nonce, data = self.responses.get(type_url, version, resources,
+                                             stream.state.types[type_url].sent_nonce)
+            stream.state.mark_sent(type_url, version, nonce)
+            stream.out.put_nowait(data if self.encoded_responses else discovery_pb2.DiscoveryResponse.FromString(data))
             self.pushes += 1
+
+    def _view(self, stream: Stream) -> dict:
+        """The stream's view, asked of `Views` only when views changed: looking it up hashes the
+        node's registration, and a stream asks on every request it sends (ACKs included)."""
+        stamp = self.views.stamp()
+        if stream.view_stamp != stamp:
+            stream.view = self.views.for_node(stream.reg, stream.overrides)
+            stream.view_stamp = self.views.stamp()  # for_node may have built the shared parts
+        return stream.view
 
     async def expire_registrations(self) -> None:
         """Remove endpoints of sidecars whose stream ended more than the grace period ago."""
@@ -125,7 +169,7 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
             nxt = self.registry.next_expiry()
             await asyncio.sleep(0.5 if nxt is None else max(0.01, min(0.5, nxt - time.time())))
             if self.registry.expire(time.time()):
-                self.changed(endpoints_only=True)
+                self.changed(registrations_only=True)
 
     # ---- ADS ------------------------------------------------------------------------------------
     async def StreamAggregatedResources(self, request_iterator, context):
@@ -175,7 +219,7 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
                     log.warning("node %s registers service %r which mesh.yaml does not define; "
                                 "it gets config but no peer will route to it", reg.node_id, reg.service)
                 if self.registry.connect(reg):
-                    self.changed(endpoints_only=True)
+                    self.changed(registrations_only=True)
                 log.info("stream %d: node %s (%s %s) from %s", stream.id, reg.node_id, reg.role,
                          reg.service or "-", stream.peer)
             error = req.error_detail.message if req.HasField("error_detail") else None
@@ -185,6 +229,8 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
             else:
                 outcome = stream.state.on_request(req.type_url, list(req.resource_names), req.response_nonce,
                                                   req.version_info, error)
+                if outcome == "ack":
+                    stream.state.types[req.type_url].acked_at = time.time()
                 refused = outcome == "nack" and stream.state.types[req.type_url].nacked_version
             if outcome == "nack":
                 self.nacks += 1
@@ -248,4 +294,4 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
                     "nacked": st.nacked_nonce if st.error else "", "error": st.error, "sends": st.sends,
                     "resources": dict(st.known), "wildcard": st.wildcard}
         return {"acked": st.acked_version, "sent": st.sent_version, "pending": st.pending,
-                "nacked": st.nacked_version, "error": st.error, "sends": st.sends}
+                "nacked": st.nacked_version, "error": st.error, "sends": st.sends, "acked_at": st.acked_at}

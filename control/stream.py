@@ -12,7 +12,13 @@ Rules (state of the world):
 - at most one response per type is outstanding (unanswered) at a time;
 - types go out in order CDS → EDS → LDS → RDS, and a type waits until every earlier type the
   node subscribes to is ACKed at its current version (for EDS: and subscribed to every EDS
-  cluster), so a route never names a cluster the node does not have.
+  cluster), so a route never names a cluster the node does not have;
+- EDS and RDS responses carry only the resources the client lacks or holds in another content,
+  once it has ACKed a full set on this stream (the xDS spec lets SotW responses of these named
+  types hold a subset; only LDS and CDS must be complete, and Envoy, grpc and our sidecar keep
+  the named resources a response leaves out).  An endpoint change then sends one assignment to
+  each node, not all of them: with thousands of registered sidecars that is the difference
+  between kilobytes and megabytes per stream.  A re-request gets the full set.
 """
 from __future__ import annotations
 
@@ -20,10 +26,11 @@ from dataclasses import dataclass, field
 
 from google.protobuf import any_pb2
 
-from control.snapshot import select, version_of
+from control.snapshot import changed_since, selection
 from protomesh import xdstypes
 
 NAMED_TYPES = (xdstypes.ROUTE, xdstypes.ENDPOINT)
+_EMPTY: dict = {}  # one object, so memoised selections of a missing type share one key
 
 
 @dataclass
@@ -35,10 +42,14 @@ class TypeState:
     sent_nonce: str = ""
     pending: bool = False
     acked_version: str = ""
+    acked_at: float = 0.0  # wall-clock time the last ACK arrived (set by the server: this is pure)
     nacked_version: str = ""
     error: str = ""
     sends: int = 0
     resend: bool = False  # the client re-requested what it already has: answer again
+    held: dict | None = None  # the full selection the client holds (its last ACK); None: unknown
+    prepared: dict | None = None  # full selection behind the response next_sends chose
+    sent_full: dict | None = None  # ... and behind the outstanding one
 
 
 @dataclass
@@ -55,7 +66,9 @@ class StreamState:
         if nonce and nonce != t.sent_nonce:
             return "stale"
         wildcard = type_url not in NAMED_TYPES and (not names or names == ["*"])
-        t.names = None if wildcard else frozenset(names)
+        new = None if wildcard else frozenset(names)
+        if new != t.names:  # an unchanged subscription keeps its object (memo keys, cached hash)
+            t.names = new
         t.subscribed = True
         if not nonce:
             return "subscribe"
@@ -68,24 +81,26 @@ class StreamState:
             t.error = error
             return "nack"
         t.acked_version = version
+        t.held = t.sent_full
         t.error = ""
         return "ack"
 
-    def in_sync(self, type_url: str, view: dict[str, dict[str, any_pb2.Any]]) -> bool:
+    def in_sync(self, type_url: str, view: dict[str, dict[str, any_pb2.Any]], current: str | None = None) -> bool:
+        """`current`: the version of the type's selection, if the caller has it already."""
         t = self.types[type_url]
         if not t.subscribed:
             return True
         if t.pending:
             return False
-        current = version_of(select(view.get(type_url, {}), t.names))
+        if current is None:
+            _, current = selection(view.get(type_url, _EMPTY), t.names)
         if t.acked_version != current:
             return False
-        if type_url == xdstypes.ENDPOINT:
+        if type_url == xdstypes.ENDPOINT and t.names is not None:
             # Every EDS cluster the node holds (a proxyless client asks for some clusters only).
             cds = self.types[xdstypes.CLUSTER]
-            held = select(view.get(xdstypes.CLUSTER, {}), cds.names) if cds.subscribed else {}
-            eds_clusters = set(held) & set(view.get(xdstypes.ENDPOINT, {}))
-            if t.names is not None and not eds_clusters <= t.names:
+            held = selection(view.get(xdstypes.CLUSTER, _EMPTY), cds.names)[0] if cds.subscribed else _EMPTY
+            if not eds_covered(held, view.get(xdstypes.ENDPOINT, _EMPTY), t.names):
                 return False
         return True
 
@@ -100,13 +115,15 @@ class StreamState:
                 break
             if not t.subscribed:
                 continue
-            resources = select(view.get(type_url, {}), t.names)
-            version = version_of(resources)
+            resources, version = selection(view.get(type_url, _EMPTY), t.names)
             changed = version != t.sent_version or t.names != t.sent_names or t.resend
             if changed and version != t.nacked_version:
+                t.prepared = resources
+                if type_url in NAMED_TYPES and t.held is not None and not t.resend:
+                    resources = changed_since(t.held, resources)
                 out.append((type_url, version, resources))
                 break  # later types wait for this one's ACK
-            if not self.in_sync(type_url, view):
+            if not self.in_sync(type_url, view, version):
                 break
         return out
 
@@ -118,19 +135,24 @@ class StreamState:
         eds = self.types[xdstypes.ENDPOINT]
         if not (eds.resend and eds.subscribed and not eds.pending):
             return []
-        resources = select(view.get(xdstypes.ENDPOINT, {}), eds.names)
-        version = version_of(resources)
-        return [] if version == eds.nacked_version else [(xdstypes.ENDPOINT, version, resources)]
+        resources, version = selection(view.get(xdstypes.ENDPOINT, _EMPTY), eds.names)
+        if version == eds.nacked_version:
+            return []
+        eds.prepared = resources
+        return [(xdstypes.ENDPOINT, version, resources)]
 
-    def mark_sent(self, type_url: str, version: str) -> str:
+    def mark_sent(self, type_url: str, version: str, nonce: str | None = None) -> str:
+        """Record the response chosen by `next_sends` as outstanding; `nonce` if the caller
+        has one (a shared response's), else the stream's own next."""
         t = self.types[type_url]
         self.nonce_counter += 1
-        t.sent_nonce = str(self.nonce_counter)
+        t.sent_nonce = nonce or str(self.nonce_counter)
         t.sent_version = version
         t.sent_names = t.names
         t.pending = True
         t.resend = False
         t.sends += 1
+        t.sent_full, t.prepared = t.prepared, None
         return t.sent_nonce
 
 
@@ -147,3 +169,8 @@ class StreamState:
                     yield type_url, name, t.acked_version, "REQUESTED", "", ""
                 else:
                     yield type_url, name, t.acked_version, "ACKED", "", ""
+
+
+def eds_covered(clusters: dict, endpoints: dict, names: frozenset[str]) -> bool:
+    """Whether an EDS subscription `names` covers every EDS cluster among `clusters`."""
+    return all(n in names for n in clusters if n in endpoints)

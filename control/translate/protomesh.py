@@ -27,10 +27,16 @@ def inbound_cluster(service: str) -> str:
     return f"inbound|{service}"
 
 
-def endpoints_view(mesh: Mesh, registry: Registry) -> dict:
-    """ClusterLoadAssignments for every mesh service: static endpoints plus live registrations."""
+def endpoints_view(mesh: Mesh, registry: Registry, previous: dict | None = None,
+                   services: set[str] | None = None) -> dict:
+    """ClusterLoadAssignments for every mesh service: static endpoints plus live registrations.
+    With `previous` and `services`, only those services are rebuilt and every other assignment is
+    the previous object (so its digest stays cached and nothing new is serialized for it)."""
     out = {}
     for name, svc in sorted(mesh.services.items()):
+        if previous is not None and services is not None and name not in services and name in previous:
+            out[name] = previous[name]
+            continue
         eps = [(h, p, (("source", "static"),)) for h, p in svc.endpoints]
         for reg in registry.endpoints(name):
             eps.append((reg.advertise[0], reg.advertise[1], (("node", reg.node_id),) + reg.labels))

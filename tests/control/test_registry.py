@@ -42,3 +42,20 @@ def test_workers_sharing_an_address_are_one_endpoint():
     r.connect(reg("other", addr=("127.0.0.1", 8001)))
     assert [x.node_id for x in r.endpoints("users")] == ["gw~w0", "other"]
     assert r.endpoints("orders") == []
+
+
+def test_changed_services_are_reported_once():
+    r = Registry(grace_s=0)
+    r.connect(reg("a", service="users"))
+    r.connect(reg("b", service="orders", addr=("127.0.0.1", 7001)))
+    assert r.take_dirty() == {"users", "orders"}
+    assert r.take_dirty() == set()
+    r.connect(reg("a", service="users"))  # same registration: nothing changed
+    assert r.take_dirty() == set()
+    r.connect(reg("a", service="orders", addr=("127.0.0.1", 7002)))  # moved: both change
+    assert r.take_dirty() == {"users", "orders"}
+    assert [x.node_id for x in r.endpoints("orders")] == ["a", "b"] and r.endpoints("users") == []
+    r.disconnect("b", now=1)
+    r.expire(now=1)
+    assert r.take_dirty() == {"orders"}
+    assert [x.node_id for x in r.endpoints("orders")] == ["a"]

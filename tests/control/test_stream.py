@@ -95,3 +95,80 @@ def test_unchanged_content_is_not_pushed_again():
     for _ in range(4):
         send_and_ack(s, v)
     assert s.next_sends(view()) == []
+
+
+# ---- EDS/RDS responses carry only what the client lacks ------------------------------------------
+def synced(clusters=("a", "b", "c")):
+    s, v = StreamState(), view(clusters=clusters)
+    subscribe_all(s)
+    s.on_request(ENDPOINT, sorted(clusters), "", "", None)
+    s.on_request(ROUTE, ["r"], "", "", None)
+    for _ in range(4):
+        send_and_ack(s, v)
+    return s, v
+
+
+def with_endpoints(v, **changed):
+    out = {t: dict(r) for t, r in v.items()}
+    for name, value in changed.items():
+        out[ENDPOINT][name] = res(value)
+    return out
+
+
+def test_an_endpoint_change_sends_only_the_changed_assignment_at_the_full_version():
+    from control.snapshot import version_of
+    s, v = synced()
+    v2 = with_endpoints(v, b="eps-b-new")
+    (type_url, version, resources), = s.next_sends(v2)
+    assert (type_url, sorted(resources)) == (ENDPOINT, ["b"])
+    assert version == version_of(v2[ENDPOINT])  # the version names the whole set the client will hold
+
+
+def test_after_a_nack_the_next_change_carries_everything_changed_since_the_last_ack():
+    s, v = synced()
+    v2 = with_endpoints(v, b="eps-b-bad")
+    (_, version, _), = s.next_sends(v2)
+    nonce = s.mark_sent(ENDPOINT, version)
+    assert s.on_request(ENDPOINT, ["a", "b", "c"], nonce, s.types[ENDPOINT].acked_version, "bad") == "nack"
+    v3 = with_endpoints(v2, c="eps-c-new")
+    (_, _, resources), = s.next_sends(v3)
+    assert sorted(resources) == ["b", "c"]
+
+
+def test_a_partial_ack_counts_as_holding_the_whole_set():
+    s, v = synced()
+    v2 = with_endpoints(v, b="eps-b-new")
+    assert send_and_ack(s, v2) == [(ENDPOINT, ["b"])]
+    assert s.next_sends(v2) == []
+    v3 = with_endpoints(v2, a="eps-a-new")
+    assert send_and_ack(s, v3) == [(ENDPOINT, ["a"])]
+
+
+def test_a_rerequest_and_a_new_stream_get_the_full_set():
+    s, v = synced()
+    eds = s.types[ENDPOINT]
+    assert s.on_request(ENDPOINT, ["a", "b", "c"], eds.sent_nonce, eds.acked_version, None) == "rerequest"
+    (_, _, resources), = s.next_sends(v)
+    assert sorted(resources) == ["a", "b", "c"]
+    fresh = StreamState()
+    subscribe_all(fresh)
+    fresh.on_request(ENDPOINT, ["a", "b", "c"], "", "", None)
+    send_and_ack(fresh, v)  # CDS
+    assert send_and_ack(fresh, with_endpoints(v, b="x")) == [(ENDPOINT, ["a", "b", "c"])]
+
+
+def test_a_new_subscription_name_is_sent_with_what_changed():
+    s, v = synced(clusters=("a", "b"))
+    v2 = view(clusters=("a", "b", "c"))
+    assert send_and_ack(s, v2) == [(CLUSTER, ["a", "b", "c"])]  # CDS is always complete
+    s.on_request(ENDPOINT, ["a", "b", "c"], "", s.types[ENDPOINT].acked_version, None)
+    (_, _, resources), = s.next_sends(v2)
+    assert sorted(resources) == ["c"]
+
+
+def test_a_caller_supplied_nonce_is_the_one_acked():
+    s, v = StreamState(), view()
+    subscribe_all(s)
+    (t, version, _), = s.next_sends(v)
+    assert s.mark_sent(t, version, "shared-7") == "shared-7"
+    assert s.on_request(CLUSTER, [], "shared-7", version, None) == "ack"

@@ -28,6 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # bench/ is not an installed package; `make test` runs from the root
+    sys.path.insert(0, str(REPO))
+
 STREAMS = 200
 WORKERS = 2
 SERVICES = 10
@@ -239,6 +243,62 @@ def test_two_hundred_streams_resubscribe_after_a_control_restart_without_a_push_
     assert pushes_restart == 4 * STREAMS
     assert pushes_edit <= STREAMS  # an endpoint edit is one EDS response per stream, no more
     assert resync_s < warmup + 10
+
+
+# ---- the simulator's first-connect retries (bench/control_sim.py) ---------------------------------
+def test_retry_decision_is_bounded_in_count_and_time():
+    from bench.control_sim import RetryPolicy, next_attempt_delay
+    policy = RetryPolicy(attempts=3, budget_s=10.0)
+    assert next_attempt_delay(policy, 1, 0.0, 0.4) == 0.4
+    assert next_attempt_delay(policy, 3, 0.0, 0.4) is None   # attempts used up
+    assert next_attempt_delay(policy, 1, 9.8, 0.4) is None   # would start past the budget
+
+
+async def test_a_stream_whose_first_connect_fails_retries_until_the_server_is_up(tmp_path):
+    """The server starts only after the first attempts failed: the stream gets its config on a
+    retry, and says how many it needed."""
+    import grpc
+    from bench.control_sim import RetryPolicy, Subscriber, run_stream_with_retry, sim_node
+    from control.model import load_mesh
+    from control.registry import Registry
+    from control.server import ControlPlane
+    from control.views import Views
+    from control.wire import add_ads_to_server
+    from protomesh.launch import free_port
+
+    (tmp_path / "mesh.yaml").write_text(_mesh())
+    port, stop, got = free_port(), asyncio.Event(), []
+    sub = Subscriber(sim_node(0, SERVICES))
+
+    def seen(resp):
+        got.append(resp.type_url)
+        if len(set(got)) == 4:
+            stop.set()
+    policy = RetryPolicy(attempts=20, budget_s=15.0, base_s=0.05, cap_s=0.2)
+    client = asyncio.ensure_future(run_stream_with_retry(f"127.0.0.1:{port}", sub, stop, seen, policy))
+    await asyncio.sleep(0.5)
+    registry = Registry()
+    plane = ControlPlane(Views(load_mesh(str(tmp_path / "mesh.yaml")), registry), registry, debounce_s=0.01)
+    server = grpc.aio.server()
+    add_ads_to_server(plane, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    try:
+        error, retries = await asyncio.wait_for(client, 20)
+    finally:
+        stop.set()
+        await server.stop(grace=None)
+    assert error == "" and set(got) >= {"type.googleapis.com/envoy.config.cluster.v3.Cluster"}
+    assert len(set(got)) == 4 and retries >= 1
+
+
+async def test_a_stream_gives_up_after_its_attempts():
+    from bench.control_sim import RetryPolicy, Subscriber, run_stream_with_retry, sim_node
+    from protomesh.launch import free_port
+    policy = RetryPolicy(attempts=3, budget_s=10.0, base_s=0.01, cap_s=0.05)
+    error, retries = await asyncio.wait_for(run_stream_with_retry(
+        f"127.0.0.1:{free_port()}", Subscriber(sim_node(0, SERVICES)), asyncio.Event(), lambda r: None, policy), 30)
+    assert error.startswith("UNAVAILABLE") and retries == 2
 
 
 if __name__ == "__main__":
