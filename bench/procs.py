@@ -14,6 +14,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from protomesh import launch
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROXY_CPU = "0"  # the proxy under test owns this core
 LOAD_CPU = "1"   # load generators and upstreams share this one
@@ -87,9 +89,15 @@ def memory_mb(pid: int) -> dict:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port below the kernel's ephemeral range, never the same twice in a run (see
+    protomesh.launch.free_port: a bind(0) port can be taken by an outgoing connection's source
+    port before the real bind)."""
+    return launch.free_port()
+
+
+def free_port_run(n: int) -> int:
+    """The first of `n` consecutive free ports (`--workers n` listens on admin port + k)."""
+    return launch.free_port_run(n)
 
 
 def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:

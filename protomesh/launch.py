@@ -55,6 +55,27 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_port_run(n: int, host: str = "127.0.0.1") -> int:
+    """The first of `n` consecutive free ports, none handed out before (a sidecar with
+    `--workers n` listens on its admin port + k)."""
+    for _ in range(100):
+        first = free_port(host)
+        rest = range(first + 1, first + n)
+        if all(p not in _given and _bindable(host, p) for p in rest):
+            _given.update(rest)
+            return first
+    raise RuntimeError(f"no run of {n} free ports found on {host}")
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 @dataclass
 class Proc:
     name: str

@@ -18,7 +18,7 @@ CONNECTIONS = 64
 
 def one(ctx, workers: int, seconds: float) -> dict:
     p = ctx.procs
-    http_port, grpc_port, admin = procs.free_port(), procs.free_port(), procs.free_port()
+    http_port, grpc_port, admin = procs.free_port(), procs.free_port(), procs.free_port_run(workers)
     mesh_file = ctx.workdir / f"mesh-workers{workers}.yaml"
     ng = ctx.nginx
     mesh_file.write_text(yaml.safe_dump(mesh_doc(ng.http_port, ng.grpc_port, ng.grpc_port, http_port, grpc_port),
