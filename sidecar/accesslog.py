@@ -13,20 +13,32 @@ from json.encoder import encode_basestring_ascii as _q
 from typing import TextIO
 
 
+_heads: dict[tuple, str] = {}  # the low-cardinality fields of a record, escaped once
+
+
 def request_line(listener: str, protocol: str, method: str, authority: str, path: str, peer: str,
                  route: str, cluster: str, upstream: str, status: int, grpc_status: int | None,
                  reason: str, duration_ms: float, bytes_in: int, bytes_out: int, trace_id: str,
                  attempts: int, retry_note: str, ts: float) -> str:
-    """One request's access-log record as a JSON line (strings escaped by the json module's C
-    escaper, so any header-derived value stays valid JSON; numbers are ints from our own code)."""
+    """One request's access-log record as a JSON line.  Strings are escaped by the json
+    module's C escaper, so any header-derived value stays valid JSON; the fields that come from
+    config or from us (listener, route, cluster, upstream, reasons) repeat, so their part of the
+    line is made once per combination (bounded).  Numbers are ints from our own code; the trace
+    id is hex."""
+    key = (listener, protocol, method, route, cluster, upstream, reason, retry_note)
+    head = _heads.get(key)
+    if head is None:
+        head = (f'{{"listener":{_q(listener)},"protocol":{_q(protocol)},"method":{_q(method)},'
+                f'"route":{_q(route)},"cluster":{_q(cluster)},"upstream":{_q(upstream)},'
+                f'"reason":{_q(reason)},"retry_note":{_q(retry_note)},')
+        if len(_heads) >= 4096:
+            _heads.clear()
+        _heads[key] = head
     gs = "null" if grpc_status is None else grpc_status
-    return (f'{{"listener":{_q(listener)},"protocol":{_q(protocol)},"method":{_q(method)},'
-            f'"authority":{_q(authority)},"path":{_q(path)},"peer":{_q(peer)},'
-            f'"route":{_q(route)},"cluster":{_q(cluster)},"upstream":{_q(upstream)},'
-            f'"status":{status},"grpc_status":{gs},"reason":{_q(reason)},'
-            f'"duration_ms":{duration_ms:.3f},"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
-            f'"trace_id":{_q(trace_id)},"attempts":{attempts},"retry_note":{_q(retry_note)},'
-            f'"ts":{ts:.6f}}}\n')
+    return (f'{head}"authority":{_q(authority)},"path":{_q(path)},"peer":{_q(peer)},'
+            f'"status":{status},"grpc_status":{gs},"duration_ms":{duration_ms:.3f},'
+            f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},"trace_id":"{trace_id}",'
+            f'"attempts":{attempts},"ts":{ts:.6f}}}\n')
 
 
 class AccessLog:

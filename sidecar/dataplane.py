@@ -249,10 +249,16 @@ class Dataplane:
 
     def upstream_headers(self, call: Call) -> list[tuple[str, str]]:
         """Open the client span for the upstream attempt; return the trace headers to send
-        (our traceparent; the caller's tracestate and baggage unchanged)."""
-        client = self.spans.start_client(call.span, "", None)
-        call.extra["client_span"] = client
-        out = [("traceparent", client.traceparent())]
+        (our traceparent; the caller's tracestate and baggage unchanged).  A span that will not
+        be exported is not made at all: the upstream only needs a fresh span id in traceparent."""
+        spans, server = self.spans, call.span
+        if spans.records and server.sampled:
+            client = spans.start_client(server, "", None)
+            call.extra["client_span"] = client
+            traceparent = client.traceparent()
+        else:
+            traceparent = spans.child_traceparent(server)
+        out = [("traceparent", traceparent)]
         for key in ("tracestate", "baggage"):
             value = call.headers.get(key)
             if value:

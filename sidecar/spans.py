@@ -94,6 +94,10 @@ class SpanRecorder:
         return Span(parent.trace_id, self._bits(64) or 1, parent.span_id, name, CLIENT, self._clock(),
                     attributes, parent.sampled, parent.trace_id_hex)
 
+    def child_traceparent(self, parent: Span) -> str:
+        """The traceparent of a child of `parent` that is not recorded (no Span object)."""
+        return f"00-{parent.trace_id_hex}-{self._bits(64) or 1:016x}-{'01' if parent.sampled else '00'}"
+
     def end(self, span: Span) -> None:
         span.end_ns = self._clock()
         if span.sampled and self.sink is not None:

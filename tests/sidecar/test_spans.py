@@ -77,3 +77,13 @@ def test_exporter_never_blocks_and_counts_drops_when_the_collector_is_down():
     assert exporter.dropped == 15
     exporter.shutdown()
     assert exporter.failed >= 1
+
+
+def test_unrecorded_child_traceparent_continues_the_trace_with_a_new_span_id():
+    rec = SpanRecorder(sampling=1.0)  # no sink: nothing is recorded
+    server = rec.start_server(f"00-{TID}-{PID}-01", "s", None)
+    version, trace, span, flags = rec.child_traceparent(server).split("-")
+    assert (version, trace, flags) == ("00", TID, "01")
+    assert len(span) == 16 and int(span, 16) not in (0, server.span_id)
+    unsampled = rec.start_server(f"00-{TID}-{PID}-00", "s", None)
+    assert rec.child_traceparent(unsampled).endswith("-00")
