@@ -51,6 +51,7 @@ class ControlServer:
         self.plane = ControlPlane(self.views, self.registry, opts.debounce_s, opts.warmup_s)
         self.gc = GcWatch()
         self.plane.on_push_done = self.gc.after_push
+        self.plane.on_push_start = self.gc.before_push
         self.admin = AdminServer(self.ready, self.metrics, {
             "/nodes": self.plane.status, "/config_dump": self.config_dump})
         self.server: grpc.aio.Server | None = None

@@ -87,6 +87,7 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
         # registered with the generated helper, SotW responses are yielded as messages.
         self.encoded_responses = False
         self.on_push_done = None  # called when a push pass ends and none is pending
+        self.on_push_start = None  # called as a push pass begins
         self._expiry_task: asyncio.Task | None = None
 
     # ---- change propagation -------------------------------------------------------------------
@@ -110,6 +111,8 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
         self._push_handle = None
         self._first_unpushed = None
         self._warm_handle = None
+        if self.on_push_start is not None:
+            self.on_push_start()
         self.views.refresh()
         if self._push_task is not None:
             self._push_task.cancel()  # the new pass covers every stream; kicks are idempotent

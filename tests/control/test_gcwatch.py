@@ -1,4 +1,5 @@
 """Collector pauses are measured and logged; full collections wait for a quiet moment."""
+import asyncio
 import gc
 
 import pytest
@@ -27,12 +28,34 @@ def test_pauses_are_summed_per_generation_and_slow_ones_counted(caplog):
     assert "generation 2 paused the server 300 ms" in caplog.text
 
 
-def test_after_push_freezes_and_a_full_collection_unfreezes_first():
-    w = GcWatch(full_every_s=0.0)
+async def test_after_push_freezes_and_a_full_collection_unfreezes_first():
+    w = GcWatch(full_every_s=0.0, quiet_s=0.0)
     try:
+        w.before_push()
         w.after_push()
         assert gc.get_freeze_count() > 0
         assert w.maybe_full_collect(busy=False)
         assert not w.maybe_full_collect(busy=True)
     finally:
         gc.unfreeze()
+        gc.enable()
+
+
+async def test_no_automatic_collection_from_a_push_until_quiet_after_it():
+    w = GcWatch(quiet_s=0.05)
+    try:
+        w.before_push()
+        assert not gc.isenabled()
+        w.before_push()  # a second pass before the first ended: still off
+        w.after_push()
+        assert not gc.isenabled()  # the ACKs are still coming
+        for _ in range(100):
+            if gc.isenabled():
+                break
+            await asyncio.sleep(0.01)
+        assert gc.isenabled()
+        w.before_push()  # a new push cancels a pending re-enable
+        assert not gc.isenabled()
+    finally:
+        gc.unfreeze()
+        gc.enable()
