@@ -145,20 +145,20 @@ class Bridge:
         if reason:
             hdrs.append((REASON_HEADER, Reply(status, 0, reason, "").reason_value(ex.call)))
         head_only = ex.method_b == b"HEAD"
-        ex.conn.transport.write(self._head(status, hdrs, len(body)) + (b"" if head_only else body))
+        ex.conn.send(self._head(status, hdrs, len(body)) + (b"" if head_only else body))
         ex.bytes_out += len(body)
         self._end(status, reason)
 
     def begin_stream(self, status: int, headers: list) -> None:
         self.chunked = self.ex.version != "1.0"
-        self.ex.conn.transport.write(self._head(status, headers, None))
+        self.ex.conn.send(self._head(status, headers, None))
 
     async def chunk(self, data: bytes) -> None:
         ex = self.ex
         if not data or ex.finished:
             return
         ex.bytes_out += len(data)
-        ex.conn.transport.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+        ex.conn.send(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
         conn = ex.conn
         waited = 0.0
         while conn.write_paused and not conn.closing and waited < 60.0:  # backpressure from a slow client
@@ -167,7 +167,7 @@ class Bridge:
 
     def end_stream(self, status: int, reason: str = "") -> None:
         if self.chunked and not self.ex.conn.closing:
-            self.ex.conn.transport.write(b"0\r\n\r\n")
+            self.ex.conn.send(b"0\r\n\r\n")
         self._end(status, reason)
 
     def _end(self, status: int, reason: str) -> None:

@@ -187,7 +187,7 @@ class _Exchange:
         """Hand the exchange to a gateway bridge: it gets the (bounded) body, then runs."""
         self.bridge = bridge
         if self.expect and not self.req_done:
-            self.conn.transport.write(_CONTINUE)
+            self.conn.send(_CONTINUE)
         early = self.early
         if early:
             self.early = None
@@ -211,7 +211,7 @@ class _Exchange:
         self.target = result
         head = self._request_head(result, dp.upstream_headers(call))
         if self.expect and not self.req_done:
-            conn.transport.write(_CONTINUE)
+            conn.send(_CONTINUE)
         self._emit((head,))
         early = self.early
         if early:
@@ -408,10 +408,7 @@ class _Exchange:
             if self.pending_full:
                 self.pending_full = False
                 self._update_pause()
-            if len(pending) == 1:
-                up.write(pending[0])
-            else:
-                up.writelines(pending)
+            up.writelines(pending)
 
     def _update_pause(self) -> None:
         self.conn.set_paused(_P_UPSTREAM, self.pending_full or self.up_paused)
@@ -600,14 +597,7 @@ class _Exchange:
         out = self.out
         if out:
             self.out = []
-            # One write() of a joined buffer costs less than writelines() for the usual
-            # head + small body; large bodies go as they are.
-            if len(out) == 1:
-                self.conn.transport.write(out[0])
-            elif len(out) < 8 and sum(map(len, out)) <= 16384:
-                self.conn.transport.write(b"".join(out))
-            else:
-                self.conn.transport.writelines(out)
+            self.conn.send(out[0] if len(out) == 1 else b"".join(out))
 
     def on_response_complete(self, keep_alive: bool) -> None:
         if self.mode == _M_CHUNK:
@@ -710,6 +700,7 @@ class _Downstream(asyncio.Protocol):
     def __init__(self, listener: "HttpListener"):
         self.listener = listener
         self.loop = listener.loop  # cached: asyncio.get_running_loop() costs a getpid() syscall on 3.11
+        self.batch = listener.pool.batch
         self.transport: asyncio.Transport | None = None
         self.parser = HttpRequestParser(self)
         self.peer = ""
@@ -974,7 +965,7 @@ class _Downstream(asyncio.Protocol):
         if head:
             body = b""
         parts.append(body)
-        self.transport.write(b"".join(parts))
+        self.send(b"".join(parts))
         return len(body)
 
     def _fail(self, status: int, reason: str, message: str) -> None:
@@ -1101,10 +1092,14 @@ class _Downstream(asyncio.Protocol):
             ex._finish(ex.status, "stream_idle_timeout")
             self.abort()
 
+    def send(self, data: bytes) -> None:
+        """Every write to the client goes through the pool's write batch (in order)."""
+        self.batch.write(self.transport, data)
+
     def _close(self) -> None:
         if not self.closing:
             self.closing = True
-            self.transport.close()
+            self.batch.close(self.transport)
 
     def abort(self) -> None:
         self.closing = True

@@ -19,6 +19,7 @@ from typing import Protocol
 from httptools import HttpParserError, HttpResponseParser
 
 from sidecar.config.model import Endpoint
+from sidecar.writebatch import WriteBatch
 
 log = logging.getLogger("protomesh.sidecar")
 
@@ -98,10 +99,10 @@ class UpstreamConnection(asyncio.Protocol):
             handler.on_upstream_pause()
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)
+        self.pool.batch.write(self.transport, data)
 
     def writelines(self, parts) -> None:
-        self.transport.writelines(parts)
+        self.pool.batch.write(self.transport, b"".join(parts))
 
     def pause_reading(self) -> None:
         if not self._read_paused and not self.closed:
@@ -273,6 +274,7 @@ class HttpPool:
         self._endpoints: dict[tuple[str, int], _EndpointPool] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        self.batch = WriteBatch()  # shared with the HTTP listeners (sidecar/writebatch.py)
         self._loop: asyncio.AbstractEventLoop | None = None  # cached by connect(): get_running_loop() is a syscall on 3.11
 
     def take_idle(self, endpoint: Endpoint) -> UpstreamConnection | None:
@@ -321,7 +323,7 @@ class HttpPool:
         ep = self._endpoints.get(conn.key)
         if not reusable or self._closed or ep is None or len(ep.idle) >= self.max_idle_per_endpoint:
             conn.closed = True
-            conn.transport.close()
+            self.batch.close(conn.transport)
             return
         conn.resume_reading()  # so a server-side close of an idle connection is noticed
         conn.reused = True
