@@ -18,6 +18,7 @@ import grpc
 from sidecar.call import GRPC_INVALID_ARGUMENT, REASON_HEADER, Reply
 from sidecar.filters import grpcweb
 from sidecar.filters.transcode import OPENAPI_PATH
+from sidecar.listeners.http_wire import status_line
 from sidecar.transcode import TranscodeError
 
 GRPC_WEB_MAX_BODY = 4 << 20
@@ -113,13 +114,12 @@ class Bridge:
 
     # ---- writing ----------------------------------------------------------------------------
     def _head(self, status: int, headers: list, length: int | None) -> bytes:
-        from sidecar.listeners.http import _status_line
         ex = self.ex
         conn = ex.conn
         http11 = ex.version != "1.0"
         close = not ex.keep_alive or not ex.req_done or conn.draining or conn.last_request(ex) or \
             (length is None and not http11)
-        parts = [_status_line(status)]
+        parts = [status_line(status)]
         for name, value in headers:
             parts.append(f"{name}: {value}\r\n".encode("latin-1", "replace"))
         if length is not None:
