@@ -108,9 +108,9 @@ class Sidecar:
         self.http_pool = HttpPool()
         self.grpc_pool = GrpcPool()
         self.h2_pool = H2Pool()
-        self.listeners = ListenerManager(self.dataplane, self.http_pool, self.grpc_pool,
+        self.listeners = ListenerManager(self.dataplane, self.http_pool, self.grpc_pool, self.h2_pool,
                                          drain_timeout_s=opts.drain_timeout_s, reuse_port=opts.workers > 1,
-                                         h2_pool=self.h2_pool, grpc_engine=opts.grpc_engine)
+                                         grpc_engine=opts.grpc_engine)
         safe_id = re.sub(r"[^A-Za-z0-9._-]", "_", self.node.id)
         state = Path(opts.state_dir) / f"{safe_id}.xds" if opts.state_dir else None
         self.xds = XdsClient(self.node, opts.control, self._on_config, LastGood(state) if state else None)

@@ -28,7 +28,7 @@ def choose(flag: str | None = None, environ=os.environ) -> str:
     return value
 
 
-def make(engine: str, name: str, dataplane, grpc_pool, h2_pool=None):
+def make(engine: str, name: str, dataplane, grpc_pool, h2_pool):
     """A gRPC listener of that engine (not started)."""
     if engine == "grpcio":
         from sidecar.listeners.grpc import GrpcListener

@@ -93,11 +93,11 @@ class _Ignore:
 
 
 class GrpcH2Listener:
-    def __init__(self, name: str, dataplane: Dataplane, pool: GrpcPool, h2pool: h2_pool.H2Pool | None = None):
+    def __init__(self, name: str, dataplane: Dataplane, pool: GrpcPool, h2pool: h2_pool.H2Pool):
         self.name = name
         self.dataplane = dataplane
         self.pool = pool  # grpc.aio channels: used for mirrored copies only
-        self.h2pool = h2pool or h2_pool.shared()
+        self.h2pool = h2pool  # the sidecar's, retained and closed with its config
         self.port = 0
         self.inflight = 0
         self._server: asyncio.AbstractServer | None = None

@@ -15,14 +15,15 @@ from sidecar.listeners import grpc_engine as engines
 from sidecar.listeners.http import HttpListener
 from sidecar.listeners.tcp import TcpListener
 from sidecar.upstream.grpc_pool import GrpcPool
+from sidecar.upstream.h2_pool import H2Pool
 from sidecar.upstream.http_pool import HttpPool
 
 log = logging.getLogger("protomesh.sidecar")
 
 
 class ListenerManager:
-    def __init__(self, dataplane: Dataplane, http_pool: HttpPool, grpc_pool: GrpcPool,
-                 drain_timeout_s: float = 10.0, reuse_port: bool = False, h2_pool=None,
+    def __init__(self, dataplane: Dataplane, http_pool: HttpPool, grpc_pool: GrpcPool, h2_pool: H2Pool,
+                 drain_timeout_s: float = 10.0, reuse_port: bool = False,
                  grpc_engine: str = engines.DEFAULT):
         self.dataplane = dataplane
         self.http_pool = http_pool

@@ -12,12 +12,8 @@ every call that waits for the same endpoint.
 from __future__ import annotations
 
 import asyncio
-import logging
-import socket
 
 from sidecar.h2.connection import H2Connection
-
-log = logging.getLogger("protomesh.sidecar")
 
 
 class UpstreamH2(H2Connection):
@@ -27,15 +23,6 @@ class UpstreamH2(H2Connection):
         super().__init__(client=True, max_concurrent_streams=100)
         self.pool = pool
         self.address = address
-
-    def connection_made(self, transport) -> None:
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-        super().connection_made(transport)
 
     def has_room(self) -> bool:
         return (not self.closed and self.goaway_received is None and self.goaway_sent is None
@@ -113,14 +100,3 @@ class H2Pool:
             for conn in conns:
                 conn.close()
         self._conns.clear()
-
-
-_shared: H2Pool | None = None
-
-
-def shared() -> H2Pool:
-    """The process's pool, for listeners built without one (same interface as GrpcListener)."""
-    global _shared
-    if _shared is None:
-        _shared = H2Pool()
-    return _shared
