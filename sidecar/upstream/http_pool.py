@@ -98,6 +98,9 @@ class UpstreamConnection(asyncio.Protocol):
         if self._write_paused:
             handler.on_upstream_pause()
 
+    def write(self, data: bytes) -> None:
+        self.pool.batch.write(self.transport, data)
+
     def writelines(self, parts) -> None:
         self.pool.batch.write(self.transport, b"".join(parts))
 
