@@ -165,3 +165,55 @@ def status_in(fields) -> tuple[int | None, str]:
         elif name == b"grpc-message":
             message = value.decode("latin-1")
     return code, message
+
+
+# ---- messages on a stream (for endpoints that read them: the control server's ADS, the bench) ----
+MAX_MESSAGE = 4 << 20  # grpc's default receive limit
+
+
+class MessageError(Exception):
+    """Bytes on a stream that are not gRPC messages we accept; `code` is the gRPC status."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def frame_message(message: bytes) -> bytes:
+    """One uncompressed length-prefixed message."""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+class Deframer:
+    """Splits a stream's DATA into messages as it arrives (a message may span frames, and a
+    frame may hold several).  Compressed messages are refused: nothing here negotiates a
+    grpc-encoding, so a peer that compresses did not follow the headers we sent."""
+
+    __slots__ = ("_buf", "max_message")
+
+    def __init__(self, max_message: int = MAX_MESSAGE):
+        self._buf = b""
+        self.max_message = max_message
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._buf + data if self._buf else data
+        out = []
+        i = 0
+        n = len(buf)
+        while n - i >= 5:
+            if buf[i]:
+                raise MessageError(12, "compressed messages are not supported (no grpc-encoding was negotiated)")
+            size = int.from_bytes(buf[i + 1:i + 5], "big")
+            if size > self.max_message:
+                raise MessageError(8, f"message of {size} bytes exceeds the limit of {self.max_message}")
+            if n - i - 5 < size:
+                break
+            out.append(buf[i + 5:i + 5 + size])
+            i += 5 + size
+        self._buf = buf[i:] if i < n else b""
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete message held (non-zero at end of stream: truncated)."""
+        return len(self._buf)
