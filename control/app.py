@@ -1,4 +1,5 @@
-"""Control server process wiring: mesh watcher → views → ADS/CSDS on grpc.aio; admin on aiohttp."""
+"""Control server process wiring: mesh watcher → views → ADS/CSDS (on our HTTP/2 gRPC server,
+or on grpc.aio with `--xds-engine grpcio`); admin on aiohttp."""
 from __future__ import annotations
 
 import asyncio
@@ -9,6 +10,7 @@ import time
 import grpc
 from envoy.service.status.v3 import csds_pb2_grpc
 
+from control import ads_h2
 from control.gcwatch import GcWatch
 from control.registry import Registry
 from control.server import ControlPlane
@@ -16,6 +18,7 @@ from control.sources.meshfile import MeshWatcher
 from control.views import Views
 from control.wire import add_ads_to_server
 from protomesh.admin import AdminServer
+from sidecar.h2.grpcserver import GrpcH2Server
 
 log = logging.getLogger("protomesh.control")
 
@@ -29,6 +32,7 @@ class ControlOptions:
     warmup_s: float = 0.0
     debounce_s: float = 0.1
     watch_interval_s: float = 0.5
+    xds_engine: str = "h2"  # or "grpcio" (sidecar/listeners/grpc_engine.py chooses)
 
 
 def only_endpoints_differ(old, new) -> bool:
@@ -55,6 +59,7 @@ class ControlServer:
         self.admin = AdminServer(self.ready, self.metrics, {
             "/nodes": self.plane.status, "/config_dump": self.config_dump})
         self.server: grpc.aio.Server | None = None
+        self.h2: GrpcH2Server | None = None
         self.xds_port = 0
         self.started = time.time()
 
@@ -67,7 +72,7 @@ class ControlServer:
             self.plane.changed(mesh)
 
     def ready(self) -> tuple[bool, str]:
-        return (self.server is not None, "starting" if self.server is None else "")
+        return (self.xds_port != 0, "starting" if self.xds_port == 0 else "")
 
     def metrics(self) -> str:
         lines = ["# TYPE protomesh_control_streams gauge",
@@ -102,20 +107,30 @@ class ControlServer:
 
     async def start(self) -> None:
         self.gc.install()
-        self.server = grpc.aio.server()
-        add_ads_to_server(self.plane, self.server)  # shared pre-encoded responses pass through
-        csds_pb2_grpc.add_ClientStatusDiscoveryServiceServicer_to_server(self.plane, self.server)
-        self.xds_port = self.server.add_insecure_port(self.opts.xds)
-        if not self.xds_port:
-            raise OSError(f"cannot listen for xDS on {self.opts.xds}")
-        await self.server.start()
+        if self.opts.xds_engine == "grpcio":
+            server = grpc.aio.server()
+            add_ads_to_server(self.plane, server)  # shared pre-encoded responses pass through
+            csds_pb2_grpc.add_ClientStatusDiscoveryServiceServicer_to_server(self.plane, server)
+            port = server.add_insecure_port(self.opts.xds)
+            if not port:
+                raise OSError(f"cannot listen for xDS on {self.opts.xds}")
+            await server.start()
+            self.server = server
+        else:
+            self.h2 = GrpcH2Server(ads_h2.methods(self.plane))
+            host, _, port_text = self.opts.xds.rpartition(":")
+            try:
+                port = await self.h2.start(host.strip("[]"), int(port_text))
+            except (OSError, ValueError) as exc:
+                raise OSError(f"cannot listen for xDS on {self.opts.xds}: {exc}") from None
+        self.xds_port = port
         host, _, port = self.opts.admin.rpartition(":")
         await self.admin.start(host, int(port))
         self._tasks = [asyncio.ensure_future(self.watcher.run()),
                        asyncio.ensure_future(self.plane.expire_registrations()),
                        asyncio.ensure_future(self._full_collections())]
-        log.info("control server: xDS on port %d, admin on port %d, mesh %s", self.xds_port,
-                 self.admin.port, self.opts.mesh)
+        log.info("control server: xDS on port %d (%s engine), admin on port %d, mesh %s", self.xds_port,
+                 self.opts.xds_engine, self.admin.port, self.opts.mesh)
 
     async def _full_collections(self) -> None:
         """Reclaim cyclic garbage among frozen objects now and then, between pushes."""
@@ -128,6 +143,8 @@ class ControlServer:
             t.cancel()
         if self.server is not None:
             await self.server.stop(grace=1.0)
+        if self.h2 is not None:
+            await self.h2.stop(grace_s=1.0)
         await self.admin.stop()
         self.gc.remove()
 

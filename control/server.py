@@ -1,4 +1,8 @@
-"""The ADS servicer (state of the world and Delta) and CSDS on grpc.aio.
+"""ADS (state of the world and Delta) and CSDS: the protocol, and its grpc.aio servicer.
+
+The per-stream protocol (`open_stream` / `handle` / `close_stream`, pushes through
+`Stream.send`) does not know what serves it: grpc.aio here (`--xds-engine grpcio`), or our own
+HTTP/2 gRPC server by default (`ads_h2.py`).
 
 Each stream gets its own `StreamState` (SotW) or `DeltaState` (Delta); a change of the mesh or of the registrations bumps the
 generation and every stream is offered its new view — at once after a quiet spell, coalesced
@@ -32,7 +36,7 @@ log = logging.getLogger("protomesh.control")
 PUSH_SLICE = 64  # streams kicked per event-loop turn during a push
 
 
-class _Abort(Exception):
+class Abort(Exception):
     """A protocol violation by the client; the stream ends with this status."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
@@ -42,16 +46,21 @@ class _Abort(Exception):
 
 
 class Stream:
+    """One ADS stream.  Responses leave through `send`: on grpc.aio, a queue the servicer's
+    generator drains; on the h2 server (ads_h2.py), the call's own send, which wants bytes."""
+
     _ids = itertools.count(1)
 
-    def __init__(self, peer: str, delta: bool = False):
+    def __init__(self, peer: str, delta: bool = False, send=None):
         self.id = next(self._ids)
         self.peer = peer
         self.delta = delta
         self.node = None
         self.reg: Registration | None = None
         self.state: StreamState | DeltaState = DeltaState() if delta else StreamState()
-        self.out: asyncio.Queue = asyncio.Queue()
+        self.out: asyncio.Queue | None = asyncio.Queue() if send is None else None
+        self.send = self.out.put_nowait if send is None else send
+        self.wire = send is not None  # `send` takes encoded responses
         self.connected_at = time.time()
         self.resumed = False  # the node already had config when it connected
         self.overrides: tuple = ()  # gateway listen addresses the node asked for
@@ -147,14 +156,15 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
         view = self._view(stream)
         if stream.delta:
             for response in stream.state.next_responses(view):
-                stream.out.put_nowait(response)
+                stream.send(response.SerializeToString() if stream.wire else response)
                 self.pushes += 1
             return
+        encoded = stream.wire or self.encoded_responses
         for type_url, version, resources in stream.state.next_sends(view):
             nonce, data = self.responses.get(type_url, version, resources,
                                              stream.state.types[type_url].sent_nonce)
             stream.state.mark_sent(type_url, version, nonce)
-            stream.out.put_nowait(data if self.encoded_responses else discovery_pb2.DiscoveryResponse.FromString(data))
+            stream.send(data if encoded else discovery_pb2.DiscoveryResponse.FromString(data))
             self.pushes += 1
 
     def _view(self, stream: Stream) -> dict:
@@ -184,8 +194,9 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
             yield response
 
     async def _serve(self, stream: Stream, request_iterator, context):
-        self.streams[stream.id] = stream
-        reader = asyncio.ensure_future(self._read(stream, request_iterator, context))
+        """grpc.aio: read requests in a task, yield what `_kick` queues."""
+        self.open_stream(stream)
+        reader = asyncio.ensure_future(self._read(stream, request_iterator))
         reader.add_done_callback(lambda _: stream.out.put_nowait(None))
         try:
             while True:
@@ -194,53 +205,67 @@ class ControlPlane(ads_pb2_grpc.AggregatedDiscoveryServiceServicer,
                     break
                 yield response
             exc = reader.exception() if reader.done() and not reader.cancelled() else None
-            if isinstance(exc, _Abort):
+            if isinstance(exc, Abort):
                 await context.abort(exc.code, exc.message)
             elif exc is not None:
                 raise exc
         finally:
             reader.cancel()
-            del self.streams[stream.id]
-            if stream.reg is not None:
-                self.registry.disconnect(stream.reg.node_id, time.time())
-                log.info("stream %d of node %s closed", stream.id, stream.reg.node_id)
+            self.close_stream(stream)
 
-    async def _read(self, stream: Stream, request_iterator, context) -> None:
+    async def _read(self, stream: Stream, request_iterator) -> None:
         async for req in request_iterator:
-            if stream.reg is None:
-                if not req.node.id:
-                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "the first DiscoveryRequest must carry node.id")
-                try:
-                    reg = registration_from_node(req.node)
-                except RegistrationError as exc:
-                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-                stream.node = req.node
-                stream.reg = reg
-                stream.overrides = listen_overrides(req.node)
-                stream.resumed = bool(req.initial_resource_versions if stream.delta else req.version_info)
-                if reg.service and reg.service not in self.views.mesh.services:
-                    log.warning("node %s registers service %r which mesh.yaml does not define; "
-                                "it gets config but no peer will route to it", reg.node_id, reg.service)
-                if self.registry.connect(reg):
-                    self.changed(registrations_only=True)
-                log.info("stream %d: node %s (%s %s) from %s", stream.id, reg.node_id, reg.role,
-                         reg.service or "-", stream.peer)
-            error = req.error_detail.message if req.HasField("error_detail") else None
-            if stream.delta:
-                outcome = stream.state.on_request(req)
-                refused = req.response_nonce
-            else:
-                outcome = stream.state.on_request(req.type_url, list(req.resource_names), req.response_nonce,
-                                                  req.version_info, error)
-                if outcome == "ack":
-                    stream.state.types[req.type_url].acked_at = time.time()
-                refused = outcome == "nack" and stream.state.types[req.type_url].nacked_version
-            if outcome == "nack":
-                self.nacks += 1
-                log.warning("NACK from %s for %s %s %s: %s", stream.reg.node_id,
-                            xdstypes.SHORT.get(req.type_url, req.type_url),
-                            "nonce" if stream.delta else "version", refused, error)
-            self._kick(stream)
+            self.handle(stream, req)
+
+    # ---- one stream, whatever serves it (grpc.aio above, ads_h2.py) --------------------------------
+    def open_stream(self, stream: Stream) -> None:
+        self.streams[stream.id] = stream
+
+    def close_stream(self, stream: Stream) -> None:
+        """The stream ended (any way): forget it; its node's endpoints outlive it by the grace."""
+        if self.streams.pop(stream.id, None) is None:
+            return
+        if stream.reg is not None:
+            self.registry.disconnect(stream.reg.node_id, time.time())
+            log.info("stream %d of node %s closed", stream.id, stream.reg.node_id)
+
+    def handle(self, stream: Stream, req) -> None:
+        """One DiscoveryRequest (or DeltaDiscoveryRequest) of `stream`: register the node on its
+        first, record ACK/NACK, and send what follows.  Raises Abort for a protocol violation."""
+        if stream.reg is None:
+            if not req.node.id:
+                raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "the first DiscoveryRequest must carry node.id")
+            try:
+                reg = registration_from_node(req.node)
+            except RegistrationError as exc:
+                raise Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            stream.node = req.node
+            stream.reg = reg
+            stream.overrides = listen_overrides(req.node)
+            stream.resumed = bool(req.initial_resource_versions if stream.delta else req.version_info)
+            if reg.service and reg.service not in self.views.mesh.services:
+                log.warning("node %s registers service %r which mesh.yaml does not define; "
+                            "it gets config but no peer will route to it", reg.node_id, reg.service)
+            if self.registry.connect(reg):
+                self.changed(registrations_only=True)
+            log.info("stream %d: node %s (%s %s) from %s", stream.id, reg.node_id, reg.role,
+                     reg.service or "-", stream.peer)
+        error = req.error_detail.message if req.HasField("error_detail") else None
+        if stream.delta:
+            outcome = stream.state.on_request(req)
+            refused = req.response_nonce
+        else:
+            outcome = stream.state.on_request(req.type_url, list(req.resource_names), req.response_nonce,
+                                              req.version_info, error)
+            if outcome == "ack":
+                stream.state.types[req.type_url].acked_at = time.time()
+            refused = outcome == "nack" and stream.state.types[req.type_url].nacked_version
+        if outcome == "nack":
+            self.nacks += 1
+            log.warning("NACK from %s for %s %s %s: %s", stream.reg.node_id,
+                        xdstypes.SHORT.get(req.type_url, req.type_url),
+                        "nonce" if stream.delta else "version", refused, error)
+        self._kick(stream)
 
     # ---- CSDS -----------------------------------------------------------------------------------
     async def FetchClientStatus(self, request, context):

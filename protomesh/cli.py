@@ -38,12 +38,14 @@ def cmd_control(args) -> int:
     from control.app import ControlOptions, ControlServer
     from control.errors import MeshError
     from sidecar.app import install_signal_handlers
+    from sidecar.listeners import grpc_engine
 
     try:
+        engine = grpc_engine.choose(args.xds_engine, env="PROTOMESH_XDS_ENGINE", option="--xds-engine")
         server = ControlServer(ControlOptions(mesh=args.mesh, xds=args.xds, admin=args.admin,
                                               grace_s=args.grace, warmup_s=args.warmup,
-                                              watch_interval_s=args.watch_interval))
-    except MeshError as exc:
+                                              watch_interval_s=args.watch_interval, xds_engine=engine))
+    except (MeshError, ValueError) as exc:
         print(f"protomesh control: {exc}", file=sys.stderr)
         return 2
 
@@ -148,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "so every reconnecting sidecar re-registers first (new sidecars are answered at once)")
     c.add_argument("--watch-interval", type=float, default=0.5,
                    help="seconds between checks of mesh.yaml and its protos for edits")
+    c.add_argument("--xds-engine", choices=("h2", "grpcio"),
+                   help="what serves ADS/CSDS: h2 (our own HTTP/2 gRPC server, the default) or grpcio "
+                        "(grpc.aio); else env PROTOMESH_XDS_ENGINE")
     c.set_defaults(func=cmd_control)
 
     s = sub.add_parser("sidecar", help="run a sidecar (or, with --gateway, the edge gateway)")

@@ -19,11 +19,12 @@ DEFAULT = "h2"
 ENV = "PROTOMESH_GRPC_ENGINE"
 
 
-def choose(flag: str | None = None, environ=os.environ) -> str:
-    """The engine to run; a bad value is refused with what would have been accepted."""
-    value = flag or environ.get(ENV) or DEFAULT
+def choose(flag: str | None = None, environ=os.environ, env: str = ENV, option: str = "--grpc-engine") -> str:
+    """The engine to run; a bad value is refused with what would have been accepted.  The
+    control server chooses its xDS engine the same way (`--xds-engine`, PROTOMESH_XDS_ENGINE)."""
+    value = flag or environ.get(env) or DEFAULT
     if value not in ENGINES:
-        source = "--grpc-engine" if flag else ENV
+        source = option if flag else env
         raise ValueError(f"{source}: unknown gRPC engine {value!r} (fix: use one of: {', '.join(ENGINES)})")
     return value
 

@@ -28,6 +28,16 @@ def test_unknown_engine_is_refused_with_the_choices():
         grpc_engine.choose(None, {grpc_engine.ENV: "x"})
 
 
+
+def test_the_control_server_chooses_its_xds_engine_the_same_way():
+    kw = {"env": "PROTOMESH_XDS_ENGINE", "option": "--xds-engine"}
+    assert grpc_engine.choose(None, {"PROTOMESH_XDS_ENGINE": "grpcio", grpc_engine.ENV: "h2"}, **kw) == "grpcio"
+    with pytest.raises(ValueError, match=r"^--xds-engine: unknown gRPC engine 'x'"):
+        grpc_engine.choose("x", {}, **kw)
+    with pytest.raises(ValueError, match=r"^PROTOMESH_XDS_ENGINE: "):
+        grpc_engine.choose(None, {"PROTOMESH_XDS_ENGINE": "x"}, **kw)
+
+
 async def test_make_builds_either_engine():
     dp, pool, h2 = Dataplane("t"), GrpcPool(), H2Pool()
     built = grpc_engine.make("h2", "g", dp, pool, h2)
