@@ -2,6 +2,7 @@
 import yaml
 
 from bench import envoy, loadtools, readme, report
+from bench.cases.workers import projected_scaling
 
 
 def test_envoy_bootstrap_is_yaml_with_one_route_per_listener():
@@ -45,3 +46,9 @@ def test_readme_rewrite_replaces_only_between_markers():
     twice = readme.rewrite(once, f"{readme.START}\nB\n{readme.END}")
     assert once.startswith(text.rstrip("\n")) and "## Performance" in once
     assert "B" in twice and "\nA\n" not in twice and twice.count("## Performance") == 1
+
+
+def test_workers_projection_is_bounded_by_the_busier_worker():
+    assert projected_scaling(1.0, 0.5) == 2.0
+    assert projected_scaling(0.9, 0.5) == 1.8
+    assert projected_scaling(1.0, 0.4) == 1.67  # the busier worker does 60 %: its core is the limit
