@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
-from sidecar.writebatch import WriteBatch
+from sidecar.writebatch import BULK, QUEUE_MAX, WriteBatch
 
 
 class Transport:
@@ -49,3 +49,20 @@ async def test_close_writes_what_is_queued_first_and_abort_drops_it():
     assert log == [("a", b"last words"), ("a", "close")]
     await asyncio.sleep(0)
     assert log == [("a", b"last words"), ("a", "close")]
+
+
+async def test_bulk_goes_out_at_once_behind_what_was_queued():
+    log, batch = [], WriteBatch()
+    a, b = Transport(log, "a"), Transport(log, "b")
+    batch.write(a, b"small")
+    big = b"x" * BULK
+    batch.write(b, big)  # at once: a transport signals backpressure from inside write()
+    assert log == [("a", b"small"), ("b", big)]
+    small = b"y" * (BULK - 1)
+    for _ in range(QUEUE_MAX // len(small)):
+        batch.write(a, small)
+    assert log[-1] == ("b", big)  # small writes wait, up to QUEUE_MAX in all
+    batch.write(a, small)  # past QUEUE_MAX: the queue goes, in order
+    assert len(log) == 2 + QUEUE_MAX // len(small) + 1
+    await asyncio.sleep(0)
+    assert len(log) == 2 + QUEUE_MAX // len(small) + 1  # the end of the round has nothing left
