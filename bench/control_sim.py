@@ -1,10 +1,13 @@
 """Simulated protomesh sidecars: real ADS (SotW) streams against `protomesh control`.
 
-One process runs `--count` streams, each on its own channel (own TCP connection, as separate
-sidecars would have).  Each stream does what `sidecar/xds/client.py` does: the first request
-carries a node whose metadata registers it like `sidecar/app.py:build_node`; it subscribes to
-CDS and LDS (wildcard), then to EDS for every EDS cluster and RDS for every route config the
-listeners name, and ACKs every response with its version and nonce.
+One process runs `--count` streams, each on its own TCP connection (as separate sidecars would
+have), spoken by `bench/ads_client.py`: a small gRPC client on the project's own HTTP/2 stack
+rather than grpc.aio, whose per-message machinery cost the simulators more CPU per push than the
+control server spent (a load generator that costs more than the system under test measures
+itself).  Each stream does what `sidecar/xds/client.py` does: the first request carries a node
+whose metadata registers it like `sidecar/app.py:build_node`; it subscribes to CDS and LDS
+(wildcard), then to EDS for every EDS cluster and RDS for every route config the listeners
+name, and ACKs every response with its version and nonce.
 
 A stream whose connect or first exchange fails (no response arrived) tries again after a
 full-jitter exponential backoff, as `sidecar/xds/client.py` does, a bounded number of times
@@ -36,15 +39,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import struct_pb2
 
+from bench import ads_client
 from protomesh import xdstypes
 from sidecar.xds.client import backoff_delays
 
@@ -146,41 +149,43 @@ class Subscriber:
 
 async def run_stream(xds: str, sub: Subscriber, stop: asyncio.Event, on_response, options=(),
                      wait_for_ready: bool = False, on_acked=None) -> str:
-    """One ADS stream: send `sub.opening()`, then for every response call `on_response(resp)`,
-    send `sub.answer(resp)` and call `on_acked(resp)` once it is written; until `stop` or the
-    stream ends.  Returns the error, or "".
+    """One ADS stream on its own connection: send `sub.opening()`, then for every response call
+    `on_response(resp)`, send `sub.answer(resp)` and call `on_acked(resp)` once the ACK has been
+    written to the socket (`ads_client.AdsConnection`); until `stop` or the stream ends.
+    Returns the error ("UNAVAILABLE: connect failed: ...", a gRPC status name and message,
+    "stream ended"), or "" when stopped.  `options` are grpc channel options, of which the
+    reconnect backoff (for `wait_for_ready`, which retries the connect for a bounded time) and
+    the receive limit apply.
 
-    Reader/writer style (`call.read()` / `call.write()`), one coroutine per stream and no task
-    per message: thousands of these share one core in the benchmark, and a simulator that spends
-    more per message than the control server measures itself, not the server."""
-    opts = [("grpc.use_local_subchannel_pool", 1), *options]
-    async with grpc.aio.insecure_channel(xds, options=opts) as ch:
-        call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch).StreamAggregatedResources(
-            wait_for_ready=wait_for_ready)
-        stopper = asyncio.ensure_future(stop.wait())
-        stopper.add_done_callback(lambda f: f.cancelled() or call.cancel())
-        try:
-            for req in sub.opening():
-                await call.write(req)
-            while True:
-                resp = await call.read()
-                if resp is grpc.aio.EOF:
-                    return "" if stop.is_set() else "stream ended"
-                on_response(resp)
-                for req in sub.answer(resp):
-                    await call.write(req)
-                if on_acked is not None:
-                    on_acked(resp)
-        except grpc.aio.AioRpcError as exc:
-            return "" if stop.is_set() else f"{exc.code().name}: {exc.details()}"
-        except asyncio.InvalidStateError:  # written to after the server ended the stream
-            return "" if stop.is_set() else f"stream ended: {(await call.code()).name}"
-        except asyncio.CancelledError:
-            if stop.is_set() and call.cancelled():
-                return ""  # our own cancel on stop, raised out of the pending read or write
-            raise
-        finally:
-            stopper.cancel()
+    Everything after the connect happens in the connection's callbacks; this coroutine only
+    waits for the end: thousands of these share one core in the benchmark, and a simulator
+    that spends more per message than the control server measures itself, not the server."""
+    if stop.is_set():
+        return ""
+    settings = ads_client.ChannelSettings.from_options(options)
+    opening = sub.opening()  # also clears the stream's nonces, connected or not (see run_stream_with_retry)
+    stopped = asyncio.get_running_loop().create_future()
+    unwatch = ads_client.StopWatch.add(stop, lambda: stopped.done() or stopped.set_result(None))
+    conn = None
+    try:
+        conn = await ads_client.connect(xds, stopped, settings, wait_for_ready)
+        if conn is None:
+            return ""
+
+        def reply(resp):
+            on_response(resp)
+            return sub.answer(resp)
+
+        conn.open(xds, opening, reply, on_acked)
+        await asyncio.wait((conn.ended, stopped), return_when=asyncio.FIRST_COMPLETED)
+        error = conn.ended.result() if conn.ended.done() else ""  # raises what a callback raised
+        return "" if stop.is_set() else error
+    except ads_client.ConnectFailed as exc:
+        return "" if stop.is_set() else f"UNAVAILABLE: {exc}"
+    finally:
+        unwatch()
+        if conn is not None:
+            conn.shut()
 
 
 def marker_node(port: int, node_id: str = "bench-registrant") -> base_pb2.Node:

@@ -186,17 +186,30 @@ def frame_message(message: bytes) -> bytes:
 
 class Deframer:
     """Splits a stream's DATA into messages as it arrives (a message may span frames, and a
-    frame may hold several).  Compressed messages are refused: nothing here negotiates a
-    grpc-encoding, so a peer that compresses did not follow the headers we sent."""
+    frame may hold several).  The pieces of an incomplete message are kept as a list and joined
+    once it is whole, so a large message over many frames is copied once, not once per frame.
+    Compressed messages are refused: nothing here negotiates a grpc-encoding, so a peer that
+    compresses did not follow the headers we sent."""
 
-    __slots__ = ("_buf", "max_message")
+    __slots__ = ("_parts", "_have", "_need", "max_message")
 
     def __init__(self, max_message: int = MAX_MESSAGE):
-        self._buf = b""
+        self._parts: list[bytes] = []  # an incomplete message (and its prefix)
+        self._have = 0  # bytes in _parts
+        self._need = 0  # bytes _parts must reach before anything can be split off
         self.max_message = max_message
 
     def feed(self, data: bytes) -> list[bytes]:
-        buf = self._buf + data if self._buf else data
+        if self._parts:
+            self._parts.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return []
+            buf = b"".join(self._parts)
+            self._parts = []
+            self._have = 0
+        else:
+            buf = data
         out = []
         i = 0
         n = len(buf)
@@ -207,13 +220,18 @@ class Deframer:
             if size > self.max_message:
                 raise MessageError(8, f"message of {size} bytes exceeds the limit of {self.max_message}")
             if n - i - 5 < size:
+                self._need = 5 + size
                 break
             out.append(buf[i + 5:i + 5 + size])
             i += 5 + size
-        self._buf = buf[i:] if i < n else b""
+        else:
+            self._need = 5
+        if i < n:
+            self._parts = [buf[i:] if i else buf]
+            self._have = n - i
         return out
 
     @property
     def pending(self) -> int:
         """Bytes of an incomplete message held (non-zero at end of stream: truncated)."""
-        return len(self._buf)
+        return self._have
