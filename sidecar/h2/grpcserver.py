@@ -56,7 +56,10 @@ class Call:
         if not self.started:
             self.started = True
             conn.send_headers(self.st, RESPONSE_HEAD, False)
-        conn.send_data(self.st, W.frame_message(message), False)
+        # Prefix and message go separately: a response shared by thousands of streams (an EDS
+        # push) is then queued behind each stream's flow-control window by reference, not copied.
+        conn.send_data(self.st, W.message_prefix(len(message)), False)
+        conn.send_data(self.st, message, False)
 
     def finish(self, code: int = 0, message: str = "") -> None:
         """End the call with a status (after the messages already sent)."""

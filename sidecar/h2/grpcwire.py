@@ -179,9 +179,14 @@ class MessageError(Exception):
         self.code = code
 
 
+def message_prefix(size: int) -> bytes:
+    """The 5 bytes before an uncompressed message of `size` bytes."""
+    return b"\x00" + size.to_bytes(4, "big")
+
+
 def frame_message(message: bytes) -> bytes:
     """One uncompressed length-prefixed message."""
-    return b"\x00" + len(message).to_bytes(4, "big") + message
+    return message_prefix(len(message)) + message
 
 
 class Deframer:

@@ -65,10 +65,13 @@ class StreamWriter:
         n = len(data)
         allowed = min(st.send_window, self.send_window)
         if n > allowed:
-            if allowed > 0:
-                self._write_data(st, data[:allowed], False)
-            self._queue(st, data[allowed:], end_stream)
-            return max(allowed, 0)
+            if allowed <= 0:
+                self._queue(st, data, end_stream)
+                return 0
+            view = memoryview(data)  # the queued tail refers to `data` instead of copying it
+            self._write_data(st, view[:allowed], False)
+            self._queue(st, view[allowed:], end_stream)
+            return allowed
         self._write_data(st, data, end_stream)
         if end_stream:
             st.local_closed = True
@@ -112,6 +115,8 @@ class StreamWriter:
                 break
             chunk = pending[0]
             if len(chunk) > allowed:
+                if not isinstance(chunk, memoryview):
+                    chunk = memoryview(chunk)
                 pending[0] = chunk[allowed:]
                 chunk = chunk[:allowed]
             else:
