@@ -24,6 +24,7 @@ from typing import Callable
 from sidecar.h2 import frames as F
 from sidecar.h2 import grpcwire as W
 from sidecar.h2.connection import H2Connection, Stream
+from sidecar.h2.serving import Serving
 
 log = logging.getLogger("protomesh.h2")
 
@@ -136,7 +137,7 @@ class _Connection(H2Connection):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = f"ipv6:[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"ipv4:{peer[0]}:{peer[1]}"
-        self.server._conns.add(self)
+        self.server.connection_opened(self)
         super().connection_made(transport)
 
     def on_request(self, st: Stream, headers, end_stream: bool) -> None:
@@ -170,24 +171,19 @@ class _Connection(H2Connection):
             self.reset(st, F.NO_ERROR)
 
     def on_closed(self) -> None:
-        server = self.server
-        server._conns.discard(self)
-        if not server._conns and server._all_closed is not None:
-            server._all_closed.set()
+        self.server.connection_closed(self)
 
 
-class GrpcH2Server:
+class GrpcH2Server(Serving):
     """Listens on one address and serves `methods` ({"/pkg.Service/Method": make(call)})."""
 
     def __init__(self, methods: dict[str, Callable[[Call], object]], max_message: int = W.MAX_MESSAGE,
                  max_concurrent_streams: int = 1000):
+        super().__init__()
         self.methods = methods
         self.max_message = max_message
         self.max_concurrent_streams = max_concurrent_streams
         self.port = 0
-        self._server: asyncio.AbstractServer | None = None
-        self._conns: set[_Connection] = set()
-        self._all_closed: asyncio.Event | None = None
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the bound port.  Raises OSError when the address is unusable."""
@@ -196,23 +192,7 @@ class GrpcH2Server:
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
-    @property
-    def connections(self) -> int:
-        return len(self._conns)
-
     async def stop(self, grace_s: float) -> None:
-        """Stop accepting, GOAWAY to every client, give calls in flight `grace_s` to end, then
-        close what is left (those calls are cancelled)."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        self._all_closed = asyncio.Event()
-        for conn in list(self._conns):
-            conn.goaway()
-        if self._conns and grace_s > 0:
-            try:
-                await asyncio.wait_for(self._all_closed.wait(), grace_s)
-            except asyncio.TimeoutError:
-                pass
-        for conn in list(self._conns):
-            conn.close()
+        """Stop accepting and drain (`Serving.drain_connections`): calls still open after
+        `grace_s` are cancelled."""
+        await self.drain_connections(grace_s)

@@ -21,6 +21,7 @@ from sidecar.filters import reflection
 from sidecar.h2 import frames as F
 from sidecar.h2 import grpcwire as W
 from sidecar.h2.connection import H2Connection, Stream
+from sidecar.h2.serving import Serving
 from sidecar.listeners.grpc_h2_call import Exchange
 from sidecar.upstream import h2_pool
 from sidecar.upstream.grpc_pool import GrpcPool
@@ -40,7 +41,7 @@ class _Downstream(H2Connection):
     def connection_made(self, transport) -> None:
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else ""
-        self.lst._conns.add(self)
+        self.lst.connection_opened(self)
         super().connection_made(transport)
 
     def on_request(self, st: Stream, headers, end_stream: bool) -> None:
@@ -71,9 +72,7 @@ class _Downstream(H2Connection):
             self.reset(st, F.NO_ERROR)
 
     def on_closed(self) -> None:
-        self.lst._conns.discard(self)
-        if not self.lst._conns and self.lst._all_closed is not None:
-            self.lst._all_closed.set()
+        self.lst.connection_closed(self)
 
 
 class _Ignore:
@@ -92,18 +91,16 @@ class _Ignore:
     def on_sent(st, n): pass
 
 
-class GrpcH2Listener:
+class GrpcH2Listener(Serving):
     def __init__(self, name: str, dataplane: Dataplane, pool: GrpcPool, h2pool: h2_pool.H2Pool):
+        super().__init__()
         self.name = name
         self.dataplane = dataplane
         self.pool = pool  # grpc.aio channels: used for mirrored copies only
         self.h2pool = h2pool  # the sidecar's, retained and closed with its config
         self.port = 0
         self.inflight = 0
-        self._server: asyncio.AbstractServer | None = None
-        self._conns: set[_Downstream] = set()
         self._heads: dict = {}
-        self._all_closed: asyncio.Event | None = None
         self._local: grpc.aio.Server | None = None
         self._local_addr: asyncio.Future | None = None
 
@@ -115,20 +112,8 @@ class GrpcH2Listener:
 
     async def drain(self, timeout_s: float) -> None:
         """Stop accepting, GOAWAY to every client, let calls in flight finish for up to
-        `timeout_s`, then close what is left."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        self._all_closed = asyncio.Event()
-        for conn in list(self._conns):
-            conn.goaway()
-        if self._conns and timeout_s > 0:
-            try:
-                await asyncio.wait_for(self._all_closed.wait(), timeout_s)
-            except asyncio.TimeoutError:
-                pass
-        for conn in list(self._conns):
-            conn.close()
+        `timeout_s`, then close what is left (`Serving.drain_connections`)."""
+        await self.drain_connections(timeout_s)
         if self._local is not None:
             await self._local.stop(None)
             self._local = None

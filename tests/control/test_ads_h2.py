@@ -13,6 +13,7 @@ from google.protobuf import struct_pb2
 
 from control.app import ControlOptions, ControlServer
 from protomesh import xdstypes
+from tests.waiting import until
 
 WAIT = 10.0
 MESH = """
@@ -44,12 +45,6 @@ async def control(request, tmp_path):
     await server.stop()
 
 
-async def wait_for(cond, what: str) -> None:
-    async with asyncio.timeout(WAIT):
-        while not cond():
-            await asyncio.sleep(0.01)
-
-
 async def test_sotw_stream_gets_clusters_and_its_end_forgets_the_stream(control):
     server, channel = control
     call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources()
@@ -59,7 +54,7 @@ async def test_sotw_stream_gets_clusters_and_its_end_forgets_the_stream(control)
     assert any(True for _ in resp.resources)
     assert server.plane.status()[0]["node"] == "products-1"
     call.cancel()
-    await wait_for(lambda: not server.plane.streams, "the stream to be forgotten")
+    await until(lambda: not server.plane.streams, "the stream to be forgotten")
 
 
 async def test_first_request_without_a_node_is_refused_with_why(control):
@@ -108,5 +103,5 @@ async def test_bytes_that_are_not_a_request_end_the_stream_and_the_server_keeps_
         assert "not a valid DiscoveryRequest" in await call.details()
     else:
         assert code != grpc.StatusCode.OK
-    await wait_for(lambda: not server.plane.streams, "the stream to be forgotten")
+    await until(lambda: not server.plane.streams, "the stream to be forgotten")
     await test_sotw_stream_gets_clusters_and_its_end_forgets_the_stream((server, channel))

@@ -7,6 +7,7 @@ import grpc
 import pytest
 
 from sidecar.h2.grpcserver import GrpcH2Server
+from tests.waiting import until
 
 WAIT = 10.0
 ident = (lambda b: b)  # noqa: E731  (messages stay bytes on both sides)
@@ -49,12 +50,6 @@ async def server():
 
 def chat(channel):
     return channel.stream_stream("/t.Echo/Chat", request_serializer=ident, response_deserializer=ident)
-
-
-async def wait_for(cond, what: str) -> None:
-    async with asyncio.timeout(WAIT):
-        while not cond():
-            await asyncio.sleep(0.01)
 
 
 async def test_bidi_stream_echoes_in_order_and_ends_ok(server):
@@ -106,7 +101,7 @@ async def test_a_bug_in_the_method_is_internal_and_the_server_keeps_serving(serv
     await call.write(b"boom")
     assert await asyncio.wait_for(call.code(), WAIT) == grpc.StatusCode.INTERNAL
     assert "ZeroDivisionError" in await call.details()
-    await wait_for(lambda: ("cancel",) in Echo.log, "the handler to be cancelled")
+    await until(lambda: ("cancel",) in Echo.log, "the handler to be cancelled")
     await test_unary_call(server)
 
 
@@ -124,7 +119,7 @@ async def test_client_cancel_reaches_the_method(server):
     await call.write(b"a")
     await asyncio.wait_for(call.read(), WAIT)
     call.cancel()
-    await wait_for(lambda: ("cancel",) in Echo.log, "the handler to be cancelled")
+    await until(lambda: ("cancel",) in Echo.log, "the handler to be cancelled")
 
 
 async def test_stop_cancels_calls_still_open_after_the_grace(server):
@@ -133,6 +128,6 @@ async def test_stop_cancels_calls_still_open_after_the_grace(server):
     await call.write(b"a")
     await asyncio.wait_for(call.read(), WAIT)
     await srv.stop(0.05)
-    await wait_for(lambda: ("cancel",) in Echo.log, "the handler to be cancelled")
+    await until(lambda: ("cancel",) in Echo.log, "the handler to be cancelled")
     assert await asyncio.wait_for(call.code(), WAIT) != grpc.StatusCode.OK
-    await wait_for(lambda: srv.connections == 0, "connections to close")
+    await until(lambda: srv.connections == 0, "connections to close")

@@ -17,6 +17,7 @@ from sidecar.config.model import (Cluster, Endpoint, Listener, PathMatch, Route,
 from sidecar.dataplane import Dataplane
 from sidecar.listeners.http import HttpListener
 from sidecar.upstream.http_pool import HttpPool
+from tests.waiting import until
 
 WAIT = 10.0  # bound for every wait in this module
 
@@ -427,19 +428,13 @@ async def test_expect_100_continue_answered_locally(upstream, make_proxy):
     writer.close()
 
 
-async def wait_until(predicate):
-    async with asyncio.timeout(WAIT):
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-
 async def test_slow_client_pauses_upstream_reading(upstream, make_proxy):
     proxy = await make_proxy(upstream.port, timeout_s=None)
     reader, writer = await open_client(proxy.port)
     writer.transport.pause_reading()  # a client that does not read
     writer.write(b"GET /big HTTP/1.1\r\nHost: svc\r\n\r\n")
     (down,) = proxy.listener._conns
-    await wait_until(lambda: down.write_paused and down.queue and down.queue[0].up is not None
+    await until(lambda: down.write_paused and down.queue and down.queue[0].up is not None
                      and down.queue[0].up._read_paused)
     # Bounded by about one upstream read (uvloop reads 256 KiB), not by what the sockets hold.
     assert down.transport.get_write_buffer_size() < 1024 * 1024
@@ -458,7 +453,7 @@ async def test_slow_upstream_reader_pauses_client_reading(upstream, make_proxy):
     sender = asyncio.create_task(_send(writer, blob))
     await asyncio.wait_for(upstream.gated_entered.wait(), WAIT)  # upstream reads no body yet
     (down,) = proxy.listener._conns
-    await wait_until(lambda: down.paused)
+    await until(lambda: down.paused)
     ex = down.queue[0]
     assert ex.up.transport.get_write_buffer_size() < 4 * 1024 * 1024
     assert not sender.done()  # the client is held back, not buffered

@@ -3,7 +3,6 @@ round trip, and the runner against real loopback servers (TCP, HTTP, grpc.health
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 import pytest
@@ -16,6 +15,7 @@ from sidecar.config.model import Cluster, Endpoint, HealthCheck, RuntimeConfig
 from sidecar.config.parse import parse_cluster
 from sidecar.dataplane import Dataplane
 from sidecar.upstream.health import HealthChecker, HostHealth, next_interval, status_expected
+from tests.waiting import until
 
 HC = HealthCheck("tcp", 0.05, 0.5, unhealthy_threshold=2, healthy_threshold=3)
 
@@ -118,14 +118,6 @@ class HttpHealth:
         self.server.close()
 
 
-async def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
-
-
 def config_with(check: HealthCheck, ports: list[int], http2=False) -> RuntimeConfig:
     eps = tuple(Endpoint("127.0.0.1", p) for p in ports)
     cluster = Cluster("svc", "round_robin", http2, 1.0, False, eps, health_checks=(check,))
@@ -143,19 +135,19 @@ async def test_http_checks_take_a_failing_endpoint_out_and_bring_it_back():
         dp.swap(config)
         st = dp.clusters["svc"]
         assert st.hc_unhealthy == {f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"}  # pending first check
-        await wait_for(lambda: not st.hc_unhealthy)
+        await until(lambda: not st.hc_unhealthy)
         assert a.paths[0] == "/healthz"
         b.status = 503  # an active failure: out at once
-        await wait_for(lambda: st.hc_unhealthy == {f"127.0.0.1:{b.port}"})
+        await until(lambda: st.hc_unhealthy == {f"127.0.0.1:{b.port}"})
         hosts = st.hosts(config.endpoints_for(config.clusters["svc"]), 50.0).levels[0].hosts
         assert [e.port for e in hosts] == [a.port]
         assert dp.stats.counter("health_check_transitions", (("cluster", "svc"), ("to", "unhealthy"))) == 1
         b.status = 200  # healthy_threshold (2) passes bring it back
-        await wait_for(lambda: not st.hc_unhealthy)
+        await until(lambda: not st.hc_unhealthy)
         assert checker.state("svc", f"127.0.0.1:{b.port}")["state"] == "healthy"
         # Panic threshold: with both unhealthy (0% < 50%), every endpoint is used again.
         a.status = b.status = 500
-        await wait_for(lambda: len(st.hc_unhealthy) == 2)
+        await until(lambda: len(st.hc_unhealthy) == 2)
         assert st.hosts(config.endpoints_for(config.clusters["svc"]), 50.0).panic
     finally:
         await checker.close()
@@ -172,10 +164,10 @@ async def test_tcp_checks_count_connect_failures_against_the_threshold():
     try:
         dp.swap(config_with(HealthCheck("tcp", 0.03, 0.5, 3, 1), [port]))
         st = dp.clusters["svc"]
-        await wait_for(lambda: not st.hc_unhealthy)
+        await until(lambda: not st.hc_unhealthy)
         a.stop()
         await a.server.wait_closed()
-        await wait_for(lambda: st.hc_unhealthy == {f"127.0.0.1:{port}"})
+        await until(lambda: st.hc_unhealthy == {f"127.0.0.1:{port}"})
         state = checker.state("svc", f"127.0.0.1:{port}")
         assert state["consecutive_failures"] >= 3 and "connect" in state["last_failure"]
         # Endpoints removed from the config stop being checked.
@@ -201,11 +193,11 @@ async def test_grpc_health_protocol():
             await r
         dp.swap(config_with(HealthCheck("grpc", 0.03, 0.5, 2, 1, service_name="demo.Users"), [port], http2=True))
         st = dp.clusters["svc"]
-        await wait_for(lambda: not st.hc_unhealthy)
+        await until(lambda: not st.hc_unhealthy)
         r = set_status("demo.Users", health_pb2.HealthCheckResponse.NOT_SERVING)
         if asyncio.iscoroutine(r):
             await r
-        await wait_for(lambda: st.hc_unhealthy)
+        await until(lambda: st.hc_unhealthy)
         assert checker.state("svc", f"127.0.0.1:{port}")["last_failure"] == "NOT_SERVING"
     finally:
         await checker.close()
