@@ -81,9 +81,9 @@ def table(results: dict) -> str:
                      f"{_fmt(wk['two_workers_req_per_s'])} ({wk['scaling']}x; {wk['note']})")
         if wk.get("efficiency_2_vs_1") is not None:
             lines.append(f"  req per proxy CPU-s: 1 worker {_fmt(wk['one_worker_req_per_cpu_s'])}, 2 workers "
-                         f"{_fmt(wk['two_workers_req_per_cpu_s'])} ({wk['efficiency_2_vs_1']}x); the less busy "
-                         f"worker did {wk['smallest_worker_cpu_share']:.0%} of the work; projected on 2 free cores: "
-                         f"{wk['projected_scaling_free_cores']}x")
+                         f"{_fmt(wk['two_workers_req_per_cpu_s'])} ({wk['efficiency_2_vs_1']}x), so on 2 free cores "
+                         f"(projected, not measured): {wk['projected_scaling_free_cores']}x; the less busy worker "
+                         f"had {wk['smallest_worker_cpu_share']:.0%} of the workers' CPU")
     ctl = results.get("control")
     if ctl:
         lines.append("")

@@ -48,7 +48,7 @@ def test_readme_rewrite_replaces_only_between_markers():
     assert "B" in twice and "\nA\n" not in twice and twice.count("## Performance") == 1
 
 
-def test_workers_projection_is_bounded_by_the_busier_worker():
-    assert projected_scaling(1.0, 0.5) == 2.0
-    assert projected_scaling(0.9, 0.5) == 1.8
-    assert projected_scaling(1.0, 0.4) == 1.67  # the busier worker does 60 %: its core is the limit
+def test_workers_projection_is_the_measured_efficiency_per_core():
+    assert projected_scaling(1.0) == 2.0
+    assert projected_scaling(0.95) == 1.9
+    assert projected_scaling(0.9, workers=4) == 3.6
