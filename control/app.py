@@ -33,6 +33,10 @@ class ControlOptions:
     debounce_s: float = 0.1
     watch_interval_s: float = 0.5
     xds_engine: str = "h2"  # or "grpcio" (sidecar/listeners/grpc_engine.py chooses)
+    # A sidecar silent this long is PINGed; no answer within the timeout ends its streams (and,
+    # after the grace, its endpoints).  0 disables.  The h2 engine only.
+    keepalive_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
 
 
 def only_endpoints_differ(old, new) -> bool:
@@ -107,7 +111,11 @@ class ControlServer:
 
     async def start(self) -> None:
         self.gc.install()
+        keepalive = (self.opts.keepalive_s, self.opts.keepalive_timeout_s) if self.opts.keepalive_s > 0 else None
         if self.opts.xds_engine == "grpcio":
+            # No keepalive here: given grpc-core's keepalive options, a grpc.aio server still
+            # kept a peer that stopped answering PINGs for 30 s and more (tests/control/test_ads_h2.py
+            # checks the h2 engine only).
             server = grpc.aio.server()
             add_ads_to_server(self.plane, server)  # shared pre-encoded responses pass through
             csds_pb2_grpc.add_ClientStatusDiscoveryServiceServicer_to_server(self.plane, server)
@@ -117,7 +125,7 @@ class ControlServer:
             await server.start()
             self.server = server
         else:
-            self.h2 = GrpcH2Server(ads_h2.methods(self.plane))
+            self.h2 = GrpcH2Server(ads_h2.methods(self.plane), keepalive=keepalive)
             host, _, port_text = self.opts.xds.rpartition(":")
             try:
                 port = await self.h2.start(host.strip("[]"), int(port_text))

@@ -40,11 +40,16 @@ def cmd_control(args) -> int:
     from sidecar.app import install_signal_handlers
     from sidecar.listeners import grpc_engine
 
+    if args.keepalive > 0 and args.keepalive_timeout <= 0:
+        print("protomesh control: --keepalive-timeout must be above 0 while --keepalive is on "
+              "(fix: give it seconds, or --keepalive 0 to turn keepalive off)", file=sys.stderr)
+        return 2
     try:
         engine = grpc_engine.choose(args.xds_engine, env="PROTOMESH_XDS_ENGINE", option="--xds-engine")
         server = ControlServer(ControlOptions(mesh=args.mesh, xds=args.xds, admin=args.admin,
                                               grace_s=args.grace, warmup_s=args.warmup,
-                                              watch_interval_s=args.watch_interval, xds_engine=engine))
+                                              watch_interval_s=args.watch_interval, xds_engine=engine,
+                                              keepalive_s=args.keepalive, keepalive_timeout_s=args.keepalive_timeout))
     except (MeshError, ValueError) as exc:
         print(f"protomesh control: {exc}", file=sys.stderr)
         return 2
@@ -150,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "so every reconnecting sidecar re-registers first (new sidecars are answered at once)")
     c.add_argument("--watch-interval", type=float, default=0.5,
                    help="seconds between checks of mesh.yaml and its protos for edits")
+    c.add_argument("--keepalive", type=float, default=30.0,
+                   help="seconds of silence on a sidecar's connection before it is PINGed (0: never; "
+                        "h2 engine only)")
+    c.add_argument("--keepalive-timeout", type=float, default=10.0,
+                   help="seconds a PING may go unanswered before the connection is closed and the "
+                        "sidecar's streams end (its endpoints go after --grace)")
     c.add_argument("--xds-engine", choices=("h2", "grpcio"),
                    help="what serves ADS/CSDS: h2 (our own HTTP/2 gRPC server, the default) or grpcio "
                         "(grpc.aio); else env PROTOMESH_XDS_ENGINE")

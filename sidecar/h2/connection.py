@@ -36,6 +36,23 @@ MAX_HEADER_BLOCK = 256 << 10  # HEADERS + CONTINUATION octets accepted for one b
 RESET_FLOOD = 200  # client resets before the reset ratio is checked (see _count_reset)
 
 
+class IgnoreStream:
+    """Handler for a stream whose frames no longer matter to anyone (already answered, or a
+    client that only wants the stream open)."""
+
+    @staticmethod
+    def on_headers(st, fields, end): pass
+
+    @staticmethod
+    def on_data(st, data, end): pass
+
+    @staticmethod
+    def on_reset(st, code): pass
+
+    @staticmethod
+    def on_sent(st, n): pass
+
+
 class H2Connection(StreamWriter, asyncio.Protocol):
     """State common to both roles.  `client` decides stream id parity and who sends the preface."""
 
@@ -75,6 +92,10 @@ class H2Connection(StreamWriter, asyncio.Protocol):
         self.protocol_errors = 0
         self.peer_streams = 0  # streams the peer opened
         self.peer_resets = 0  # ... and reset before they were complete
+        self.heard = True  # bytes arrived since the keepalive last looked (see keep_alive)
+        self._keepalive: tuple[float, float] | None = None
+        self._keepalive_timer: asyncio.TimerHandle | None = None
+        self.pings_sent = 0
 
     # ---- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -96,6 +117,9 @@ class H2Connection(StreamWriter, asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        if self._keepalive_timer is not None:
+            self._keepalive_timer.cancel()
+            self._keepalive_timer = None
         streams = list(self.streams.values())
         self.streams.clear()
         self._blocked.clear()
@@ -107,6 +131,7 @@ class H2Connection(StreamWriter, asyncio.Protocol):
         self.on_closed()
 
     def data_received(self, data: bytes) -> None:
+        self.heard = True
         buf = self._buf + data if self._buf else data
         pos = 0
         try:
@@ -400,6 +425,44 @@ class H2Connection(StreamWriter, asyncio.Protocol):
     def _after_stream_closed(self) -> None:
         if not self.streams and (self.goaway_sent is not None or self.goaway_received is not None):
             self.close()
+
+    # ---- keepalive ------------------------------------------------------------------------------
+    def keep_alive(self, interval_s: float, timeout_s: float) -> None:
+        """PING a peer that has sent nothing for `interval_s`; if nothing (the ACK included)
+        arrives within `timeout_s` more, send GOAWAY and close: its streams see LOST.  Why: a
+        peer that vanished without a FIN (its host gone, the network cut) would otherwise hold
+        its streams until TCP gives up, which takes hours; for the control server such a stream
+        is a dead sidecar still registered as an endpoint."""
+        self._keepalive = (interval_s, timeout_s)
+        self.heard = False
+        self._keepalive_timer = self.loop.call_later(interval_s, self._keepalive_check)
+
+    def _keepalive_check(self) -> None:
+        if self.closed:
+            return
+        interval_s, timeout_s = self._keepalive
+        if self.heard:
+            self.heard = False
+            self._keepalive_timer = self.loop.call_later(interval_s, self._keepalive_check)
+            return
+        self.pings_sent += 1
+        self._write(F.ping(b"keepaliv"))
+        self._keepalive_timer = self.loop.call_later(timeout_s, self._keepalive_expired)
+
+    def _keepalive_expired(self) -> None:
+        if self.closed:
+            return
+        if self.heard:
+            self._keepalive_check()
+            return
+        log.info("h2 connection: no answer to a keepalive PING within %gs; closing", self._keepalive[1])
+        if self.goaway_sent is None and self.transport is not None:
+            self.goaway_sent = self.last_peer_stream
+            self._write(F.goaway(self.last_peer_stream, F.NO_ERROR, b"keepalive timeout"))
+            self._flush()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()  # not close(): a peer that reads nothing would hold it open
 
     # ---- connection level -----------------------------------------------------------------------
     def goaway(self, code: int = F.NO_ERROR, debug: bytes = b"") -> None:

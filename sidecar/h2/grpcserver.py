@@ -139,6 +139,8 @@ class _Connection(H2Connection):
             self.peer = f"ipv6:[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"ipv4:{peer[0]}:{peer[1]}"
         self.server.connection_opened(self)
         super().connection_made(transport)
+        if self.server.keepalive is not None:
+            self.keep_alive(*self.server.keepalive)
 
     def on_request(self, st: Stream, headers, end_stream: bool) -> None:
         try:
@@ -178,9 +180,11 @@ class GrpcH2Server(Serving):
     """Listens on one address and serves `methods` ({"/pkg.Service/Method": make(call)})."""
 
     def __init__(self, methods: dict[str, Callable[[Call], object]], max_message: int = W.MAX_MESSAGE,
-                 max_concurrent_streams: int = 1000):
+                 max_concurrent_streams: int = 1000, keepalive: tuple[float, float] | None = None):
+        """`keepalive`: (interval, timeout) in seconds for every connection (H2Connection.keep_alive)."""
         super().__init__()
         self.methods = methods
+        self.keepalive = keepalive
         self.max_message = max_message
         self.max_concurrent_streams = max_concurrent_streams
         self.port = 0

@@ -20,7 +20,7 @@ from sidecar.dataplane import Dataplane
 from sidecar.filters import reflection
 from sidecar.h2 import frames as F
 from sidecar.h2 import grpcwire as W
-from sidecar.h2.connection import H2Connection, Stream
+from sidecar.h2.connection import H2Connection, IgnoreStream, Stream
 from sidecar.h2.serving import Serving
 from sidecar.listeners.grpc_h2_call import Exchange
 from sidecar.upstream import h2_pool
@@ -66,29 +66,13 @@ class _Downstream(H2Connection):
         ex.start(end_stream)
 
     def on_headers_too_large(self, st: Stream, why: str) -> None:
-        st.handler = _Ignore
+        st.handler = IgnoreStream  # answered: drop what still arrives
         self.send_headers(st, W.trailers_only(8, why, "headers_too_large"), True)
         if not st.closed and not st.remote_closed:
             self.reset(st, F.NO_ERROR)
 
     def on_closed(self) -> None:
         self.lst.connection_closed(self)
-
-
-class _Ignore:
-    """Handler for a stream we already answered: drop what still arrives."""
-
-    @staticmethod
-    def on_headers(st, fields, end): pass
-
-    @staticmethod
-    def on_data(st, data, end): pass
-
-    @staticmethod
-    def on_reset(st, code): pass
-
-    @staticmethod
-    def on_sent(st, n): pass
 
 
 class GrpcH2Listener(Serving):

@@ -13,6 +13,8 @@ from google.protobuf import struct_pb2
 
 from control.app import ControlOptions, ControlServer
 from protomesh import xdstypes
+from sidecar.h2.connection import H2Connection, IgnoreStream
+from sidecar.h2.grpcwire import frame_message
 from tests.waiting import until
 
 WAIT = 10.0
@@ -105,3 +107,28 @@ async def test_bytes_that_are_not_a_request_end_the_stream_and_the_server_keeps_
         assert code != grpc.StatusCode.OK
     await until(lambda: not server.plane.streams, "the stream to be forgotten")
     await test_sotw_stream_gets_clusters_and_its_end_forgets_the_stream((server, channel))
+
+
+async def test_a_sidecar_that_stops_answering_keepalive_pings_loses_its_stream(tmp_path):
+    """(The h2 engine: the grpc.aio one has no keepalive, see control/app.py.)"""
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(MESH)
+    server = ControlServer(ControlOptions(mesh=str(mesh), xds="127.0.0.1:0", admin="127.0.0.1:0",
+                                          keepalive_s=0.05, keepalive_timeout_s=0.1))
+    await server.start()
+    try:
+        _, client = await asyncio.get_running_loop().create_connection(
+            lambda: H2Connection(client=True), "127.0.0.1", server.xds_port)
+        st = client.open_stream(IgnoreStream)
+        client.send_headers(st, [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"control"),
+                                 (b":path", b"/envoy.service.discovery.v3.AggregatedDiscoveryService/"
+                                            b"StreamAggregatedResources"),
+                                 (b"content-type", b"application/grpc"), (b"te", b"trailers")])
+        client.send_data(st, frame_message(discovery_pb2.DiscoveryRequest(
+            node=node(), type_url=xdstypes.CLUSTER).SerializeToString()))
+        await until(lambda: [n["node"] for n in server.plane.status()] == ["products-1"], "the node to register")
+        client.transport.pause_reading()  # its host vanished: no FIN, no PING ACK
+        await until(lambda: not server.plane.streams, "the stream to end")
+        client.close()
+    finally:
+        await server.stop()

@@ -6,6 +6,7 @@ import asyncio
 import grpc
 import pytest
 
+from sidecar.h2.connection import H2Connection, IgnoreStream
 from sidecar.h2.grpcserver import GrpcH2Server
 from tests.waiting import until
 
@@ -131,3 +132,46 @@ async def test_stop_cancels_calls_still_open_after_the_grace(server):
     await until(lambda: ("cancel",) in Echo.log, "the handler to be cancelled")
     assert await asyncio.wait_for(call.code(), WAIT) != grpc.StatusCode.OK
     await until(lambda: srv.connections == 0, "connections to close")
+
+
+# ---- keepalive ---------------------------------------------------------------------------------
+
+
+async def keepalive_server():
+    Echo.log = []
+    srv = GrpcH2Server({"/t.Echo/Chat": Echo}, keepalive=(0.05, 0.1))
+    return srv, await srv.start("127.0.0.1", 0)
+
+
+async def test_keepalive_pings_a_quiet_peer_and_keeps_one_that_answers():
+    srv, port = await keepalive_server()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        call = chat(channel)()
+        await call.write(b"a")
+        assert await asyncio.wait_for(call.read(), WAIT) == b"A"
+        (conn,) = srv._conns
+        await until(lambda: conn.pings_sent >= 3, "three keepalive PINGs")  # grpcio answers them
+        await call.write(b"b")
+        assert await asyncio.wait_for(call.read(), WAIT) == b"B"
+        assert Echo.log == [("open", "")]
+    finally:
+        await channel.close()
+        await srv.stop(0)
+
+
+async def test_keepalive_closes_a_peer_that_stopped_answering_and_cancels_its_calls():
+    srv, port = await keepalive_server()
+    try:
+        _, client = await asyncio.get_running_loop().create_connection(
+            lambda: H2Connection(client=True), "127.0.0.1", port)  # ours: it can be made to stop reading
+        st = client.open_stream(IgnoreStream)
+        client.send_headers(st, [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/t.Echo/Chat"),
+                                 (b":authority", b"t"), (b"content-type", b"application/grpc"), (b"te", b"trailers")])
+        await until(lambda: Echo.log == [("open", "")], "the call to open")
+        client.transport.pause_reading()  # a sidecar whose host vanished: PINGs go unanswered
+        await until(lambda: ("cancel",) in Echo.log, "the call to be cancelled")
+        await until(lambda: srv.connections == 0, "the connection to be closed")
+        client.close()
+    finally:
+        await srv.stop(0)
