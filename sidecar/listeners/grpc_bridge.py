@@ -11,6 +11,7 @@ as in Envoy, whose transcoder clears the route cache after rewriting the path.
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 import json
 
 import grpc
@@ -60,7 +61,10 @@ def _grpc_path(path: str) -> bool:
     return len(parts) == 3 and not parts[0] and "." in parts[1] and bool(parts[2])
 
 
-class Bridge:
+class Bridge(ABC):
+    """Answers one request at the gateway itself instead of routing it (transcoding, gRPC-Web,
+    CORS preflight, OpenAPI); the HTTP listener feeds it the body, then calls `start`."""
+
     max_body = GRPC_WEB_MAX_BODY
 
     def __init__(self, ex):
@@ -84,33 +88,9 @@ class Bridge:
             return
         self.body.append(data)
 
+    @abstractmethod
     def start(self) -> None:
-        """The request is complete: run the bridge as the exchange's task."""
-        ex = self.ex
-        if ex.finished:
-            return
-        ex.task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        try:
-            await self.run(b"".join(self.body))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug must still answer the client
-            import logging
-            logging.getLogger("protomesh.sidecar").exception("gateway bridge failed")
-            if not self.ex.resp_started:
-                self.reply(500, "application/json", json.dumps({"code": 13, "message": repr(exc)}).encode(),
-                           reason="internal_error")
-            elif not self.ex.finished:
-                self.ex._finish(self.ex.status, "internal_error")
-                self.ex.conn.abort()
-        finally:
-            if self.ex.task is asyncio.current_task():
-                self.ex.task = None
-
-    async def run(self, body: bytes) -> None:
-        raise NotImplementedError
+        """The request is complete: answer it."""
 
     # ---- writing ----------------------------------------------------------------------------
     def _head(self, status: int, headers: list, length: int | None) -> bytes:
@@ -248,7 +228,39 @@ def _details_bin(trailing) -> bytes | None:
     return None
 
 
-class TranscodeBridge(Bridge):
+class CallBridge(Bridge):
+    """A bridge that answers by calling the gRPC service: `run` does, as the exchange's task."""
+
+    def start(self) -> None:
+        ex = self.ex
+        if ex.finished:
+            return
+        ex.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            await self.run(b"".join(self.body))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must still answer the client
+            import logging
+            logging.getLogger("protomesh.sidecar").exception("gateway bridge failed")
+            if not self.ex.resp_started:
+                self.reply(500, "application/json", json.dumps({"code": 13, "message": repr(exc)}).encode(),
+                           reason="internal_error")
+            elif not self.ex.finished:
+                self.ex._finish(self.ex.status, "internal_error")
+                self.ex.conn.abort()
+        finally:
+            if self.ex.task is asyncio.current_task():
+                self.ex.task = None
+
+    @abstractmethod
+    async def run(self, body: bytes) -> None:
+        """Call the service with the request `body` and write the answer."""
+
+
+class TranscodeBridge(CallBridge):
     """JSON in, gRPC to the route's cluster, JSON (unary) or NDJSON / SSE (server streaming) out."""
 
     def __init__(self, ex, settings, match, query: str):
@@ -357,7 +369,7 @@ class TranscodeBridge(Bridge):
         self.end_stream(200)
 
 
-class GrpcWebBridge(Bridge):
+class GrpcWebBridge(CallBridge):
     """gRPC-Web (binary or base64 text) in, gRPC to the route's cluster, gRPC-Web frames out."""
 
     def __init__(self, ex, path: str, kind: str):
