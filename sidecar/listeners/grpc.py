@@ -18,6 +18,7 @@ from sidecar.dataplane import Dataplane, Target
 from sidecar.filters import reflection
 from sidecar.filters import mirror
 from sidecar.filters.fault import Hold
+from sidecar.h2.grpcwire import HTTP_OF_GRPC
 from sidecar.upstream import retry
 from sidecar.upstream.grpc_pool import GrpcPool
 
@@ -155,7 +156,7 @@ class GrpcListener:
         per_try_expired = code == 4 and ex.per_try
         dp = self.dataplane
         target = ex.target
-        dp.report(target, 503 if local else _HTTP_OF_GRPC.get(code, 200))
+        dp.report(target, 503 if local else HTTP_OF_GRPC.get(code, 200))
         if ex.retrying:
             ex.retrying = False
             dp.retry_done(target)
@@ -167,8 +168,8 @@ class GrpcListener:
         if not dp.may_retry_grpc(call, target, kind, code, ex.attempts):
             return False
         ex.retrying = True
-        delay = retry.backoff_s(policy, ex.attempts - 1, dp.rand)
-        if ex.deadline is not None and time.monotonic() + delay >= ex.deadline:
+        delay = retry.backoff_before(policy, ex.attempts - 1, dp.rand, ex.deadline, time.monotonic())
+        if delay is None:
             return False
         await asyncio.sleep(delay)
         if ex.tried is None:
@@ -274,7 +275,7 @@ class GrpcListener:
             details = await ex.upstream.details()
             if details:
                 context.set_details(details)
-        self.dataplane.report(ex.target, _HTTP_OF_GRPC.get(code.value[0], 200))
+        self.dataplane.report(ex.target, HTTP_OF_GRPC.get(code.value[0], 200))
         self.dataplane.finish(ex.call, ex.target, 200, "", grpc_status=code.value[0])
 
     def _cancelled(self, ex: "_Exchange") -> None:
@@ -314,8 +315,6 @@ class GrpcListener:
 
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
-# gRPC status → the HTTP status outlier detection counts (Envoy's grpcToHttpStatus for 5xx).
-_HTTP_OF_GRPC = {2: 500, 4: 504, 12: 501, 13: 500, 14: 503, 15: 500}
 
 
 class _Exchange:

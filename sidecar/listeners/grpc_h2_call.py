@@ -389,8 +389,8 @@ class Exchange:
         if not dp.may_retry_grpc(call, target, kind, code, self.attempts):
             return False
         self.retrying = True
-        delay = retry.backoff_s(policy, self.attempts - 1, dp.rand)
-        if self.deadline is not None and time.monotonic() + delay >= self.deadline:
+        delay = retry.backoff_before(policy, self.attempts - 1, dp.rand, self.deadline, time.monotonic())
+        if delay is None:
             self._settle()
             return False
         if self.tried is None:

@@ -82,6 +82,16 @@ def backoff_s(policy: RetryPolicy, retries_done: int, rand: Callable[[], float])
     return rand() * ceiling
 
 
+def backoff_before(policy: RetryPolicy, retries_done: int, rand: Callable[[], float],
+                   deadline: float | None, now: float) -> float | None:
+    """The back-off before the next attempt, or None when it would end at or past `deadline`
+    (a monotonic time; None: no deadline): a retry that cannot start in time is not made."""
+    delay = backoff_s(policy, retries_done, rand)
+    if deadline is not None and now + delay >= deadline:
+        return None
+    return delay
+
+
 def attempt_timeout(policy: RetryPolicy | None, remaining_s: float | None) -> tuple[float | None, bool]:
     """The timeout for one attempt and whether it is the per-try one (so its expiry may be
     retried) rather than what is left of the route timeout or the caller's deadline."""

@@ -62,3 +62,11 @@ def test_request_allows_by_method_header():
 def test_attempt_timeout(per_try, remaining, expected):
     p = RetryPolicy(frozenset({"5xx"}), 1, per_try_timeout_s=per_try)
     assert retry.attempt_timeout(p, remaining) == expected
+
+
+def test_no_backoff_that_would_end_past_the_deadline():
+    policy = RetryPolicy(frozenset({"5xx"}), 1, base_interval_s=0.1, max_interval_s=1.0)
+    half = lambda: 0.5  # noqa: E731  (the jitter draw)
+    assert retry.backoff_before(policy, 0, half, None, 100.0) == pytest.approx(0.05)
+    assert retry.backoff_before(policy, 0, half, 100.06, 100.0) == pytest.approx(0.05)
+    assert retry.backoff_before(policy, 0, half, 100.04, 100.0) is None
