@@ -153,7 +153,7 @@ class AdsConnection(H2Connection):
                                     (b":authority", authority.encode()),
                                     (b"content-type", b"application/grpc"), (b"te", b"trailers")])
         self._send(opening)
-        self._flush()
+        self.flush_now()
 
     def on_settings(self) -> None:
         if not self.ready.done():
@@ -207,7 +207,7 @@ class AdsConnection(H2Connection):
             return
         self.written += n
         if self.held and self.held[0][1] <= self.written:
-            self._flush()
+            self.flush_now()
             while self.held and self.held[0][1] <= self.written:
                 self._acked(self.held.popleft()[0])
 
@@ -220,7 +220,7 @@ class AdsConnection(H2Connection):
     def _answer(self, resp) -> None:
         self._send(self.reply(resp))
         if self.written == self.handed and not self.held:
-            self._flush()  # the ACK leaves now, not at the end of this loop iteration
+            self.flush_now()  # the ACK leaves now, not at the end of this loop iteration
             self._acked(resp)
         else:
             self.held.append((resp, self.handed))

@@ -456,10 +456,7 @@ class H2Connection(StreamWriter, asyncio.Protocol):
             self._keepalive_check()
             return
         log.info("h2 connection: no answer to a keepalive PING within %gs; closing", self._keepalive[1])
-        if self.goaway_sent is None and self.transport is not None:
-            self.goaway_sent = self.last_peer_stream
-            self._write(F.goaway(self.last_peer_stream, F.NO_ERROR, b"keepalive timeout"))
-            self._flush()
+        self._goaway_now(F.NO_ERROR, b"keepalive timeout")
         self.closed = True
         if self.transport is not None:
             self.transport.abort()  # not close(): a peer that reads nothing would hold it open
@@ -476,15 +473,19 @@ class H2Connection(StreamWriter, asyncio.Protocol):
         """Connection error: GOAWAY with the code, then close (streams see LOST)."""
         self.protocol_errors += 1
         log.info("h2 connection error, sending GOAWAY %s: %s", F.ERROR_NAMES.get(code, code), message)
+        self._goaway_now(code, message.encode()[:200])
+        self.close()
+
+    def _goaway_now(self, code: int, debug: bytes) -> None:
+        """GOAWAY written at once, ahead of closing the connection (not at the end of the round)."""
         if self.transport is not None and not self.closed:
             self.goaway_sent = self.last_peer_stream
-            self._write(F.goaway(self.last_peer_stream, code, message.encode()[:200]))
-            self._flush()
-        self.close()
+            self._write(F.goaway(self.last_peer_stream, code, debug))
+            self.flush_now()
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self._flush()
+            self.flush_now()
             self.transport.close()
         self.closed = True
 

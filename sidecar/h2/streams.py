@@ -171,9 +171,11 @@ class StreamWriter:
         self._out.append(b)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
+            self.loop.call_soon(self.flush_now)
 
-    def _flush(self) -> None:
+    def flush_now(self) -> None:
+        """Write what this round has queued (scheduled at the end of the round; called directly
+        before a close, or when latency matters more than one write per round)."""
         self._flush_scheduled = False
         out = self._out
         if out:
